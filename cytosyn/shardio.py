@@ -1,0 +1,138 @@
+"""Writing webdataset shards that are deterministic, hashed while written, and atomic.
+
+Every stage that writes shards (tile, pack, featurize, sample) goes through :class:`ShardWriter`: tar
+headers carry fixed owner, mode and mtime, so the same samples give byte-identical shards; each shard's
+sha256 is computed from the bytes as they are written (no second read); and a shard appears under its
+final name only once it is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import webdataset as wds
+
+_TAR_OWNER = "cytosyn"
+_TAR_MTIME = 0.0
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str  # file name, relative to the folder it was written in
+    count: int  # samples
+    bytes: int
+    sha256: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes and counts the bytes going through it."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+class ShardWriter:
+    """Writes samples (dicts of member name → bytes, plus ``__key__``) into size-bounded shards.
+
+    A new shard starts when the current one holds ``max_samples`` samples or ``max_bytes`` bytes of
+    members. ``name_for(index)`` names shard number ``index`` (0-based).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        name_for: Callable[[int], str],
+        max_samples: int,
+        max_bytes: int | None = None,
+    ):
+        if max_samples < 1:
+            raise ValueError("max_samples must be ≥ 1")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.name_for = name_for
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.shards: list[ShardInfo] = []
+        self._file: _HashingFile | None = None
+        self._tar: wds.TarWriter | None = None
+        self._count = 0
+        self._payload = 0
+
+    def _open(self) -> None:
+        name = self.name_for(len(self.shards))
+        self._tmp = self.folder / f".{name}.partial"
+        self._final = self.folder / name
+        self._file = _HashingFile(self._tmp)
+        self._tar = wds.TarWriter(
+            self._file, user=_TAR_OWNER, group=_TAR_OWNER, mtime=_TAR_MTIME, encoder=False
+        )
+        self._count = 0
+        self._payload = 0
+
+    def write(self, sample: Mapping[str, object]) -> None:
+        if "__key__" not in sample or "." in str(sample["__key__"]):
+            raise ValueError(f"sample key must exist and contain no dot: {sample.get('__key__')!r}")
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        self._payload += self._tar.write(dict(sample))
+        self._count += 1
+        if self._count >= self.max_samples or (self.max_bytes and self._payload >= self.max_bytes):
+            self._close_current()
+
+    def _close_current(self) -> None:
+        if self._tar is None or self._file is None:
+            return
+        self._tar.close()  # writes the end-of-archive blocks through the hashing file
+        self._file.close()
+        os.replace(self._tmp, self._final)
+        self.shards.append(ShardInfo(self._final.name, self._count, self._file.size, self._file.sha.hexdigest()))
+        self._tar = None
+        self._file = None
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the open shard (if any) and return every shard written."""
+        self._close_current()
+        return list(self.shards)
+
+    def abort(self) -> None:
+        """Drop the shard being written (used on errors); completed shards stay."""
+        if self._tar is not None and self._file is not None:
+            try:
+                self._tar.close()
+                self._file.close()
+            finally:
+                self._tmp.unlink(missing_ok=True)
+        self._tar = None
+        self._file = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

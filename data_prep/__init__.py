@@ -1,0 +1,1 @@
+"""Whole-slide tiling, dataset packing and featurizing (knows slides and shards, never models)."""
