@@ -22,7 +22,9 @@ EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_OUTPUT = 0, 1, 3, 4
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config file (defaults apply without one)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. grid.mpp=0.25")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. grid.mpp=0.25"
+    )
 
 
 def _cmd_tile(args: argparse.Namespace) -> int:

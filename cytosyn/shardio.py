@@ -108,7 +108,9 @@ class ShardWriter:
         self._tar.close()  # writes the end-of-archive blocks through the hashing file
         self._file.close()
         os.replace(self._tmp, self._final)
-        self.shards.append(ShardInfo(self._final.name, self._count, self._file.size, self._file.sha.hexdigest()))
+        self.shards.append(
+            ShardInfo(self._final.name, self._count, self._file.size, self._file.sha.hexdigest())
+        )
         self._tar = None
         self._file = None
 

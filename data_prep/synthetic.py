@@ -148,7 +148,7 @@ def default_tissue(width: int, height: int, seed: int = 0) -> list[Shape]:
     cell_w = width / cols
     cell_h = height / rows
     cell_min = min(cell_w, cell_h)
-    target = float(rng.uniform(0.35, 0.45))
+    target = float(rng.uniform(0.25, 0.35))
     # Diameter fraction f (of the cell's short side) such that rows*cols disks cover `target`:
     # rows*cols * pi/4 * (f*cell_min)^2 = target * width * height.
     f0 = math.sqrt(4.0 * target * cell_w * cell_h / (math.pi * cell_min * cell_min))

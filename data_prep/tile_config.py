@@ -68,7 +68,8 @@ class TileConfig(StrictModel):
     def output_settings(self) -> dict:
         """The settings that decide the output bytes (hashed into every slide's state)."""
         return {
-            "grid": self.grid.model_dump(mode="json"),
+            # finer_than_scan only decides whether a slide is refused, never the bytes of one tiled.
+            "grid": self.grid.model_dump(mode="json", exclude={"finer_than_scan"}),
             "tissue": self.tissue.model_dump(mode="json"),
             "codec": self.codec.model_dump(mode="json"),
             "shards": self.shards.model_dump(mode="json"),

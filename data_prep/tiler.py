@@ -258,10 +258,19 @@ def plan_slide(job: SlideJob, cfg: TileConfig) -> SlidePlan:
     level_xy = grid_positions(level_dims, level_plan)
     xy0 = level0_corner(level_xy, level_plan.downsample)
     rw, rh = level_plan.read_size
-    boxes = np.stack(
-        [xy0[:, 0] / mask_ds[0], xy0[:, 1] / mask_ds[1], (xy0[:, 0] + rw) / mask_ds[0], (xy0[:, 1] + rh) / mask_ds[1]],
-        axis=1,
-    ) if len(xy0) else np.zeros((0, 4))
+    boxes = (
+        np.stack(
+            [
+                xy0[:, 0] / mask_ds[0],
+                xy0[:, 1] / mask_ds[1],
+                (xy0[:, 0] + rw) / mask_ds[0],
+                (xy0[:, 1] + rh) / mask_ds[1],
+            ],
+            axis=1,
+        )
+        if len(xy0)
+        else np.zeros((0, 4))
+    )
     fractions = box_fractions(mask, boxes) if len(boxes) else np.zeros(0)
     keep = np.flatnonzero(fractions >= cfg.grid.min_tissue_fraction)
     with_tissue = len(keep)
@@ -377,7 +386,7 @@ def tile_band(task: BandTask, cfg: TileConfig) -> BandResult:
     sw, sh = lp.level_size
     try:
         for i, j in _strip_runs(level_xy, lp, cfg.run.strip_px):
-            lx0, ly = int(level_xy[i, 0]), int(level_xy[i, 1])
+            lx0 = int(level_xy[i, 0])
             width = int(level_xy[j - 1, 0]) + sw - lx0
             strip = read_rgb(slide, (int(xy0[i, 0]), int(xy0[i, 1])), lp.level, (width, sh), plan.background)
             for k in range(i, j):
@@ -551,7 +560,9 @@ def prepare_jobs(cfg: TileConfig) -> list[SlideJob]:
     sources = discover_slides(cfg.slides.input, cfg.slides.extensions)
     part, parts = parse_part(cfg.run.part)
     sources = sources[part::parts]
-    table: dict[str, TableRow] | None = read_slide_table(cfg.slides.slide_table) if cfg.slides.slide_table else None
+    table: dict[str, TableRow] | None = (
+        read_slide_table(cfg.slides.slide_table) if cfg.slides.slide_table else None
+    )
     overrides = read_mpp_overrides(cfg.slides.mpp_overrides) if cfg.slides.mpp_overrides else {}
     jobs = []
     for src in sources:
@@ -600,7 +611,9 @@ def run_tiling(cfg: TileConfig) -> TilingSummary:
         failed_slides.add(job.source.slide_id)
         _record_failure(cfg, job, failure, extra)
         summary.failed += 1
-        summary.failures.append({"slide_id": job.source.slide_id, "error_type": failure.error_type, "error": failure.error})
+        summary.failures.append(
+            {"slide_id": job.source.slide_id, "error_type": failure.error_type, "error": failure.error}
+        )
         log.error("slide %s failed: %s: %s", job.source.slide_id, failure.error_type, failure.error)
         bar.update(1)
 
@@ -634,9 +647,15 @@ def run_tiling(cfg: TileConfig) -> TilingSummary:
                 if kind == "plan":
                     n = len(result.level_xy)
                     step = cfg.shards.tiles_per_task
-                    tasks = [BandTask(result, b, s, min(n, s + step)) for b, s in enumerate(range(0, n, step))]
+                    tasks = [
+                        BandTask(result, b, s, min(n, s + step)) for b, s in enumerate(range(0, n, step))
+                    ]
                     if not tasks:
-                        fail(job, Failure(sid, "NoTissue", _no_tissue_message(cfg, result)), {"stats": result.stats})
+                        fail(
+                            job,
+                            Failure(sid, "NoTissue", _no_tissue_message(cfg, result)),
+                            {"stats": result.stats},
+                        )
                         continue
                     open_slides[sid] = (result, [], len(tasks))
                     bands.extend(tasks)

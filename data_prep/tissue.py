@@ -1,8 +1,9 @@
 """Tissue detection on a low-resolution overview of the slide.
 
 H&E tissue is saturated (pink/purple) while glass is white and scanner borders or black backgrounds
-are dark, so a pixel is tissue when its HSV saturation exceeds an Otsu threshold (floored, so a slide of
-pure glass yields no tissue rather than thresholding its noise) and its value is not too dark. Pen ink
+are dark, so a pixel is tissue when its HSV saturation exceeds an Otsu threshold clamped to [floor, ceiling] (the floor
+so a slide of pure glass yields no tissue rather than thresholding its noise; the ceiling so a slide
+that is all tissue is not split in half) and its value is not too dark. Pen ink
 hues can be excluded. Morphological closing/opening, hole filling and a minimum object area, all given
 in microns so they mean the same at any mask resolution, clean the mask up.
 """
@@ -23,7 +24,9 @@ class TissueConfig(StrictModel):
 
     mask_mpp: float = 8.0  # resolution of the mask: 8 µm/px makes a 112 µm tile 14 mask pixels wide
     min_saturation: float = 0.07  # floor of the saturation threshold (HSV, 0-1)
-    use_otsu: bool = True  # raise the threshold to Otsu's over the non-dark pixels when it is higher
+    use_otsu: bool = True  # move the threshold to Otsu's over the non-dark pixels, within [min, max]
+    max_saturation: float = 0.15  # ceiling of that threshold: on a slide that is all tissue, Otsu
+    # splits the tissue's own saturation in two; the ceiling keeps faint tissue in
     min_value: float = 0.12  # darker pixels (black backgrounds, scanner borders) are never tissue
     pen_hue_ranges: list[tuple[float, float]] = [(0.20, 0.55)]  # green/cyan ink; [] keeps every hue
     pen_min_saturation: float = 0.25  # only strongly coloured pixels in those hues count as ink
@@ -49,7 +52,7 @@ def detect_tissue(rgb: np.ndarray, cfg: TissueConfig) -> tuple[np.ndarray, float
     threshold = cfg.min_saturation
     values = saturation[bright_enough]
     if cfg.use_otsu and values.size > 16 and np.ptp(values) > 1e-3:
-        threshold = max(threshold, float(threshold_otsu(values)))
+        threshold = min(max(threshold, float(threshold_otsu(values))), cfg.max_saturation)
     mask = bright_enough & (saturation > threshold)
     if cfg.pen_hue_ranges:
         hue = rgb2hsv(rgb)[..., 0]

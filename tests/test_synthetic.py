@@ -291,6 +291,30 @@ def test_texture_depends_on_seed_only_inside_tissue(tmp_path: Path) -> None:
     assert (a[:5, :5] == 255).all() and (b[:5, :5] == 255).all()  # outside the disk: background
 
 
+def test_texture_differs_between_tiles_and_levels() -> None:
+    """Noise is seeded per (seed, level, tile row, tile col): no tile repeats another's pattern."""
+    colour = (168, 104, 176)
+    everywhere = [Shape("rect", -1e6, -1e6, 2e6, 2e6, colour)]
+
+    def noise(level_index: int, tile_row: int, tile_col: int) -> np.ndarray:
+        tile = render_tile(
+            level_index=level_index,
+            downsample=1,
+            tile_row=tile_row,
+            tile_col=tile_col,
+            tissue=everywhere,
+            seed=5,
+        )
+        return tile.astype(int) - np.array(colour)
+
+    base = noise(0, 1, 1)
+    assert np.abs(base).max() <= 10 and base.std() > 2
+    for other in (noise(0, 1, 2), noise(0, 2, 1), noise(1, 1, 1)):
+        assert not np.array_equal(base, other)
+    # constant over 4x4 blocks of level pixels
+    np.testing.assert_array_equal(base, np.repeat(np.repeat(base[::4, ::4], 4, axis=0), 4, axis=1))
+
+
 def test_jpeg_slide_opens_and_is_close(tmp_path: Path) -> None:
     rect = Shape("rect", 256, 256, 256, 256, GREEN)
     path = write_synthetic_slide(

@@ -1,0 +1,83 @@
+"""Shared test fixtures: the real fixture slide, and helpers that run the tiler on small inputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a hub or a logging service.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from cytosyn.data_prep.tile_config import TileConfig
+from cytosyn.data_prep.tiler import TilingSummary, run_tiling
+
+from cytosyn.config import build_config
+from cytosyn.demo import bundled_slide
+
+
+@pytest.fixture(scope="session")
+def fixture_slide() -> Path:
+    """The real Aperio H&E slide (crop of OpenSlide's CMU-1) bundled with the package."""
+    path = bundled_slide()
+    assert path.is_file(), f"bundled fixture slide missing at {path}"
+    return path
+
+
+def tile_config(inputs: list[Path], output: Path, **sections) -> TileConfig:
+    """A TileConfig for tests: lossless PNG tiles, no progress bar; ``sections`` override defaults."""
+    data = {
+        "output": str(output),
+        "slides": {"input": [str(p) for p in inputs]},
+        "codec": {"format": "png", "png_compress_level": 1},
+        "run": {"progress": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return build_config(TileConfig, data)
+
+
+def run_tile(inputs: list[Path], output: Path, **sections) -> TilingSummary:
+    return run_tiling(tile_config(inputs, output, **sections))
+
+
+def read_slide_tiles(output: Path, slide_id: str) -> list[tuple[str, dict, np.ndarray, str]]:
+    """Every tile of a tiled slide as (key, json, decoded RGB array, image extension), in shard order."""
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from cytosyn.formats import slide_dir
+
+    folder = slide_dir(output, slide_id)
+    state = json.loads((folder / "state.json").read_text())
+    tiles = []
+    for shard in state["shards"]:
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(folder / shard["name"]) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key, m in members.items():
+            ext = next(e for e in ("png", "jpg", "webp") if e in m)
+            image = np.asarray(Image.open(io.BytesIO(m[ext])).convert("RGB"))
+            tiles.append((key, json.loads(m["json"]), image, ext))
+    return tiles
+
+
+def shard_digests(output: Path) -> dict[str, str]:
+    """sha256 of every tar under a tiling output, keyed by relative path."""
+    import hashlib
+
+    return {
+        str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(output).rglob("*.tar"))
+    }
