@@ -9,15 +9,16 @@ final name only once it is complete.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import tarfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import webdataset as wds
-
 _TAR_OWNER = "cytosyn"
-_TAR_MTIME = 0.0
+_TAR_MTIME = 0
+_TAR_MODE = 0o444
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,26 @@ class _HashingFile:
         self._f.close()
 
 
+def _add_sample(tar: tarfile.TarFile, sample: Mapping[str, object]) -> int:
+    """Append one sample's members (sorted by name, like webdataset) with fixed headers; returns bytes."""
+    key = str(sample["__key__"])
+    total = 0
+    for name in sorted(k for k in sample if not k.startswith("_")):
+        data = sample[name]
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"member {name!r} of {key!r} must be bytes, got {type(data).__name__}")
+        info = tarfile.TarInfo(f"{key}.{name}")
+        info.size = len(data)
+        info.mtime = _TAR_MTIME
+        info.mode = _TAR_MODE
+        info.uname = info.gname = _TAR_OWNER
+        tar.addfile(info, io.BytesIO(data))
+        total += info.size
+    return total
+
+
 class ShardWriter:
     """Writes samples (dicts of member name → bytes, plus ``__key__``) into size-bounded shards.
 
@@ -76,7 +97,7 @@ class ShardWriter:
         self.max_bytes = max_bytes
         self.shards: list[ShardInfo] = []
         self._file: _HashingFile | None = None
-        self._tar: wds.TarWriter | None = None
+        self._tar: tarfile.TarFile | None = None
         self._count = 0
         self._payload = 0
 
@@ -85,9 +106,7 @@ class ShardWriter:
         self._tmp = self.folder / f".{name}.partial"
         self._final = self.folder / name
         self._file = _HashingFile(self._tmp)
-        self._tar = wds.TarWriter(
-            self._file, user=_TAR_OWNER, group=_TAR_OWNER, mtime=_TAR_MTIME, encoder=False
-        )
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)  # type: ignore[arg-type]
         self._count = 0
         self._payload = 0
 
@@ -97,7 +116,7 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         assert self._tar is not None
-        self._payload += self._tar.write(dict(sample))
+        self._payload += _add_sample(self._tar, sample)
         self._count += 1
         if self._count >= self.max_samples or (self.max_bytes and self._payload >= self.max_bytes):
             self._close_current()

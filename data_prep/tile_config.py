@@ -26,9 +26,11 @@ class SlidesConfig(StrictModel):
 class ShardConfig(StrictModel):
     """Size bounds of the per-slide shards."""
 
-    max_samples: int = 4096  # tiles per shard at most
+    max_samples: int = 1024  # tiles per shard at most
     max_bytes: int = 1 << 30  # bytes of tile members per shard at most
-    tiles_per_task: int = 4096  # a slide's tiles are cut in bands of this many, in parallel
+    # A slide's tiles are cut in bands of this many, in parallel; each band writes its own shards, so
+    # this decides the shard layout (it is part of the settings hash), never the worker count.
+    tiles_per_task: int = 1024
 
 
 class RunConfig(StrictModel):
@@ -39,6 +41,7 @@ class RunConfig(StrictModel):
     progress: bool = True
     overview: bool = True  # write overview.png (tissue mask + kept tiles) per slide
     strip_px: int = 4096  # read a row of neighbouring tiles as one region up to this wide (level px)
+    keep_level_mb: int = 64  # slides without a pyramid up to this size are decoded once, not twice
 
     @field_validator("part")
     @classmethod

@@ -140,6 +140,7 @@ class SlidePlan:
     background: tuple[int, int, int]
     level_xy: np.ndarray  # (N, 2) kept tile corners in level pixels, row-major
     fractions: np.ndarray  # (N,) tissue fraction of each kept tile
+    level_image: np.ndarray | None  # the whole tile level, when small enough to keep (see _read_overview)
     stats: dict[str, Any]
     seconds: float
 
@@ -216,13 +217,43 @@ def _failure(slide_id: str, err: BaseException) -> Failure:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_overview(slide, mask_ds: tuple[float, float], background) -> np.ndarray:
-    """An RGB overview of the whole slide at ``mask_ds`` level-0 px per pixel, in bounded memory."""
+def _thumbnail_overview(slide, out_size: tuple[int, int]) -> np.ndarray | None:
+    """The scanner's own thumbnail resized to ``out_size``, if it has one of the slide's shape."""
+    thumb = slide.associated_images.get("thumbnail") if slide.associated_images else None
+    if thumb is None:
+        return None
+    (tw, th), (w0, h0) = thumb.size, slide.dimensions
+    if tw < out_size[0] or abs(tw / th - w0 / h0) > 0.01 * (w0 / h0):
+        return None
+    rgb = Image.new("RGB", thumb.size, (255, 255, 255))
+    rgb.paste(thumb, mask=thumb.getchannel("A") if thumb.mode == "RGBA" else None)
+    return np.asarray(rgb.resize(out_size, Image.Resampling.BOX))
+
+
+def _read_overview(
+    slide, mask_ds: tuple[float, float], background, tile_level: int, keep_bytes: int, use_thumbnail: bool
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """An RGB overview of the whole slide at ``mask_ds`` level-0 px per pixel, in bounded memory.
+
+    Returns (overview, whole tile level or None, where the overview came from). A slide without a
+    pyramid level coarse enough (≥ 1/4 of the mask's downsample) would need a full decode for its
+    overview; its scanner thumbnail is used instead when it has one. When the overview has to be read
+    at the tiles' own level and that level fits in ``keep_bytes``, the level is read once and
+    returned, so tiles are cut from memory instead of being decoded a second time.
+    """
     w0, h0 = slide.dimensions
     out_w, out_h = max(1, round(w0 / mask_ds[0])), max(1, round(h0 / mask_ds[1]))
+    if use_thumbnail and slide.level_downsamples[-1] * 4 < min(mask_ds):
+        thumb = _thumbnail_overview(slide, (out_w, out_h))
+        if thumb is not None:
+            return thumb, None, "thumbnail"
     level = choose_level(slide.level_downsamples, min(mask_ds))
     ds = slide.level_downsamples[level]
     lw, lh = slide.level_dimensions[level]
+    if level == tile_level and lw * lh * 3 <= keep_bytes:
+        whole = read_rgb(slide, (0, 0), level, (lw, lh), background)
+        overview = np.asarray(Image.fromarray(whole).resize((out_w, out_h), Image.Resampling.BOX))
+        return overview, whole, f"level {level}"
     rows_per_level_px = lh / out_h
     band_rows = max(1, int(_OVERVIEW_BAND_BYTES / (4 * lw * max(rows_per_level_px, 1.0))))
     out = np.empty((out_h, out_w, 3), dtype=np.uint8)
@@ -232,7 +263,7 @@ def _read_overview(slide, mask_ds: tuple[float, float], background) -> np.ndarra
         y1 = min(lh, max(y0 + 1, int(np.ceil(r1 * rows_per_level_px))))
         strip = read_rgb(slide, (0, round(y0 * ds)), level, (lw, y1 - y0), background)
         out[r0:r1] = np.asarray(Image.fromarray(strip).resize((out_w, r1 - r0), Image.Resampling.BOX))
-    return out
+    return out, None, f"level {level}"
 
 
 def plan_slide(job: SlideJob, cfg: TileConfig) -> SlidePlan:
@@ -249,7 +280,14 @@ def plan_slide(job: SlideJob, cfg: TileConfig) -> SlidePlan:
             log.warning("%s: target mpp finer than the scan; tiles are upsampled", source.slide_id)
         background = background_rgb(props)
         mask_ds = (cfg.tissue.mask_mpp / source_mpp[0], cfg.tissue.mask_mpp / source_mpp[1])
-        overview = _read_overview(slide, mask_ds, background)
+        overview, level_image, overview_source = _read_overview(
+            slide,
+            mask_ds,
+            background,
+            level_plan.level,
+            cfg.run.keep_level_mb << 20,
+            cfg.tissue.use_thumbnail,
+        )
         mask, threshold = detect_tissue(overview, cfg.tissue)
         level_dims = slide.level_dimensions[level_plan.level]
     finally:
@@ -281,6 +319,7 @@ def plan_slide(job: SlideJob, cfg: TileConfig) -> SlidePlan:
         "tiles_kept": len(keep),
         "tissue_fraction_of_slide": round(float(mask.mean()), 6),
         "saturation_threshold": round(threshold, 6),
+        "overview_source": overview_source,
     }
     plan = SlidePlan(
         job=job,
@@ -290,6 +329,7 @@ def plan_slide(job: SlideJob, cfg: TileConfig) -> SlidePlan:
         background=background,
         level_xy=level_xy[keep],
         fractions=fractions[keep].astype(np.float32),
+        level_image=level_image if len(keep) else None,
         stats=stats,
         seconds=0.0,
     )
@@ -305,7 +345,7 @@ def _write_overview(path: Path, overview, mask, xy0, read_size, mask_ds) -> None
     """The overview with tissue tinted green and every kept tile outlined, for a person to check."""
     img = overview.astype(np.float32)
     img[mask] = img[mask] * 0.6 + np.array([0, 255, 0], np.float32) * 0.4
-    scale = max(1, int(np.ceil(800 / max(overview.shape[:2]))))
+    scale = max(1, int(np.ceil(400 / max(overview.shape[:2]))))
     pil = Image.fromarray(img.astype(np.uint8)).resize(
         (overview.shape[1] * scale, overview.shape[0] * scale), Image.Resampling.NEAREST
     )
@@ -314,7 +354,7 @@ def _write_overview(path: Path, overview, mask, xy0, read_size, mask_ds) -> None
         x0, y0 = x / mask_ds[0] * scale, y / mask_ds[1] * scale
         x1, y1 = (x + read_size[0]) / mask_ds[0] * scale, (y + read_size[1]) / mask_ds[1] * scale
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 0, 255))
-    pil.save(path, format="PNG")
+    pil.save(path, format="PNG", compress_level=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,13 +422,18 @@ def tile_band(task: BandTask, cfg: TileConfig) -> BandResult:
         max_samples=cfg.shards.max_samples,
         max_bytes=cfg.shards.max_bytes,
     )
-    slide = open_slide(job.source.path)
+    slide = open_slide(job.source.path) if plan.level_image is None else None
     sw, sh = lp.level_size
     try:
         for i, j in _strip_runs(level_xy, lp, cfg.run.strip_px):
-            lx0 = int(level_xy[i, 0])
+            lx0, ly = int(level_xy[i, 0]), int(level_xy[i, 1])
             width = int(level_xy[j - 1, 0]) + sw - lx0
-            strip = read_rgb(slide, (int(xy0[i, 0]), int(xy0[i, 1])), lp.level, (width, sh), plan.background)
+            if slide is None:
+                strip = plan.level_image[ly : ly + sh, lx0 : lx0 + width]
+            else:
+                strip = read_rgb(
+                    slide, (int(xy0[i, 0]), int(xy0[i, 1])), lp.level, (width, sh), plan.background
+                )
             for k in range(i, j):
                 off = int(level_xy[k, 0]) - lx0
                 tile = _resize(strip[:, off : off + sw], cfg.grid.tile_px, lp.resample)
@@ -406,7 +451,8 @@ def tile_band(task: BandTask, cfg: TileConfig) -> BandResult:
         writer.abort()
         raise
     finally:
-        slide.close()
+        if slide is not None:
+            slide.close()
     return BandResult(sid, task.band, [s.as_dict() for s in shards], len(level_xy), time.perf_counter() - t0)
 
 
@@ -596,7 +642,11 @@ def run_tiling(cfg: TileConfig) -> TilingSummary:
     if workers == 1:
         executor = _InlineExecutor()
     else:
-        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        # forkserver: workers fork from a clean server that imported the tiler once (fast start,
+        # and no inherited OpenSlide handles or threads from this process).
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["cytosyn.data_prep.tiler"])
+        executor = ProcessPoolExecutor(workers, mp_context=context)
     bar = tqdm(total=len(todo), unit="slide", desc="tile", disable=not cfg.run.progress, dynamic_ncols=True)
     pending = deque(todo)
     bands: deque[BandTask] = deque()

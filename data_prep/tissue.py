@@ -23,6 +23,7 @@ class TissueConfig(StrictModel):
     """Parameters of tissue detection (every length in microns, areas in square microns)."""
 
     mask_mpp: float = 8.0  # resolution of the mask: 8 µm/px makes a 112 µm tile 14 mask pixels wide
+    use_thumbnail: bool = True  # slides without a coarse pyramid level: detect on the scanner thumbnail
     min_saturation: float = 0.07  # floor of the saturation threshold (HSV, 0-1)
     use_otsu: bool = True  # move the threshold to Otsu's over the non-dark pixels, within [min, max]
     max_saturation: float = 0.15  # ceiling of that threshold: on a slide that is all tissue, Otsu
@@ -55,9 +56,12 @@ def detect_tissue(rgb: np.ndarray, cfg: TissueConfig) -> tuple[np.ndarray, float
         threshold = min(max(threshold, float(threshold_otsu(values))), cfg.max_saturation)
     mask = bright_enough & (saturation > threshold)
     if cfg.pen_hue_ranges:
-        hue = rgb2hsv(rgb)[..., 0]
+        ys, xs = np.nonzero(mask & (saturation >= cfg.pen_min_saturation))  # only these can be ink
+        hue = rgb2hsv(rgb[ys, xs][None])[0, :, 0]
+        is_pen = np.zeros(len(hue), dtype=bool)
         for lo, hi in cfg.pen_hue_ranges:
-            mask &= ~((hue >= lo) & (hue <= hi) & (saturation >= cfg.pen_min_saturation))
+            is_pen |= (hue >= lo) & (hue <= hi)
+        mask[ys[is_pen], xs[is_pen]] = False
     mask = _clean(mask, cfg)
     return mask, threshold
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Tests never reach a hub or a logging service.
@@ -52,7 +53,6 @@ def read_slide_tiles(output: Path, slide_id: str) -> list[tuple[str, dict, np.nd
     import json
     import tarfile
 
-    import numpy as np
     from PIL import Image
 
     from cytosyn.formats import slide_dir

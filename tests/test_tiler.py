@@ -127,6 +127,8 @@ def test_real_fixture_slide(tmp_path, fixture_slide):
     order = [(m["y"], m["x"]) for _, m, *_ in tiles]
     assert order == sorted(order)
     assert (slide_dir(out, "cmu_small_region") / "overview.png").is_file()
+    state = json.loads((slide_dir(out, "cmu_small_region") / "state.json").read_text())
+    assert state["stats"]["overview_source"] == "thumbnail"  # one-level slide: no full decode for tissue
 
 
 @pytest.mark.parametrize("background", [(255, 255, 255), (0, 0, 0)])
@@ -358,3 +360,36 @@ def test_sigkill_mid_slide_then_rerun_gives_identical_output(tmp_path):
     )
     assert summary.done == 1
     assert shard_digests(out) == shard_digests(reference)
+
+
+def test_in_memory_level_gives_the_same_bytes_as_strip_reads(tmp_path, fixture_slide):
+    no_thumb = {"use_thumbnail": False}  # force the overview to come from level 0
+    cached = run_tile([fixture_slide], tmp_path / "cached", tissue=no_thumb)
+    streamed = run_tile([fixture_slide], tmp_path / "streamed", tissue=no_thumb, run={"keep_level_mb": 0})
+    state = json.loads((slide_dir(tmp_path / "cached", "cmu_small_region") / "state.json").read_text())
+    assert state["stats"]["overview_source"] == "level 0"
+    assert cached.tiles == streamed.tiles > 0
+    a = {k.split("/")[-1]: v for k, v in shard_digests(tmp_path / "cached").items()}
+    b = {k.split("/")[-1]: v for k, v in shard_digests(tmp_path / "streamed").items()}
+    assert a == b
+
+
+def test_shards_read_back_with_webdataset(tmp_path, fixture_slide):
+    import webdataset as wds
+
+    out = tmp_path / "out"
+    run_tile([fixture_slide], out, codec={"format": "webp"})
+    state = json.loads((slide_dir(out, "cmu_small_region") / "state.json").read_text())
+    urls = [str(slide_dir(out, "cmu_small_region") / s["name"]) for s in state["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    assert len(samples) == state["tiles"]
+    for sample in samples:
+        assert sample["webp"].shape == (224, 224, 3)
+        assert sample["json"]["slide_id"] == "cmu_small_region"
+        assert sample["json"]["codec"]["lossless"] is True
+
+
+def test_data_prep_does_not_import_the_model_stack():
+    code = "import sys, cytosyn.data_prep.tiler, cytosyn.data_prep.pack; print(sorted({'torch', 'lightning', 'timm', 'diffusers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

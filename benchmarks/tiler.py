@@ -1,0 +1,165 @@
+"""Tiler throughput against the bare cost of the same work, measured in the same run.
+
+For each slide set (a 20000×20000 synthetic JPEG slide at 0.25 µm/px, and copies of the real fixture
+slide), it times:
+
+* bare   — for every tile the tiler kept: one OpenSlide ``read_region`` of that tile's region, area
+           resize to 224 px, JPEG encode (q95 4:4:4). No tissue detection, no grid, no writing.
+* tiler  — ``run_tiling`` end to end (overview + tissue + grid + strip reads + resize + encode +
+           shard writing + state), with 1 worker and with 2 workers.
+
+and prints tiles/s and ratios (tiler ÷ bare; 2 workers ÷ 1 worker), plus peak RSS per process.
+
+    python benchmarks/tiler.py [--size 20000] [--copies 8] [--workdir /tmp/cytosyn-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import openslide
+from cytosyn.data_prep.codec import CodecConfig, TileEncoder
+from cytosyn.data_prep.synthetic import write_synthetic_slide
+from cytosyn.data_prep.tile_config import TileConfig
+from cytosyn.data_prep.tiler import _resize, run_tiling
+
+from cytosyn.config import build_config
+from cytosyn.demo import bundled_slide
+from cytosyn.formats import iter_slide_states
+
+
+def _tiler_config(inputs: list[Path], output: Path, workers: int) -> TileConfig:
+    return build_config(
+        TileConfig,
+        {
+            "output": str(output),
+            "slides": {"input": [str(p) for p in inputs]},
+            "codec": {"format": "jpeg", "quality": 95, "subsampling": "4:4:4"},
+            "shards": {"tiles_per_task": 128, "max_samples": 128},
+            "run": {"workers": workers, "progress": False},
+        },
+    )
+
+
+def _kept_regions(output: Path) -> list[tuple[Path, int, int, int, tuple[int, int], str]]:
+    """(slide path, x, y, level, level_size, resample) of every tile the tiler wrote, from its JSON."""
+    import tarfile
+
+    regions = []
+    for folder, state in iter_slide_states(output):
+        for shard in state["shards"]:
+            with tarfile.open(folder / shard["name"]) as tar:
+                for member in tar.getmembers():
+                    if member.name.endswith(".json"):
+                        m = json.loads(tar.extractfile(member).read())
+                        regions.append(
+                            (
+                                Path(state["slide_path"]),
+                                m["x"],
+                                m["y"],
+                                m["level"],
+                                tuple(m["level_size"]),
+                                m["resample"],
+                            )
+                        )
+    return regions
+
+
+def _bare(regions, tile_px: int = 224) -> float:
+    """Seconds to read, resize and encode every region one by one."""
+    encoder = TileEncoder(CodecConfig(format="jpeg", quality=95, subsampling="4:4:4"))
+    slides: dict[Path, openslide.OpenSlide] = {}
+    t0 = time.perf_counter()
+    for path, x, y, level, size, resample in regions:
+        slide = slides.get(path) or slides.setdefault(path, openslide.OpenSlide(str(path)))
+        rgb = np.ascontiguousarray(np.asarray(slide.read_region((x, y), level, size))[..., :3])
+        encoder.encode(_resize(rgb, tile_px, resample))
+    seconds = time.perf_counter() - t0
+    for s in slides.values():
+        s.close()
+    return seconds
+
+
+def _timed_tiling(inputs: list[Path], output: Path, workers: int) -> tuple[float, int]:
+    shutil.rmtree(output, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = run_tiling(_tiler_config(inputs, output, workers))
+    seconds = time.perf_counter() - t0
+    assert summary.failed == 0, summary.report()
+    return seconds, summary.tiles
+
+
+def _peak_rss_mb(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def bench(name: str, inputs: list[Path], work: Path) -> dict:
+    t1, tiles = _timed_tiling(inputs, work / f"{name}-w1", workers=1)
+    t2, tiles2 = _timed_tiling(inputs, work / f"{name}-w2", workers=2)
+    assert tiles == tiles2
+    regions = _kept_regions(work / f"{name}-w1")
+    assert len(regions) == tiles
+    bare = _bare(regions)
+    row = {
+        "set": name,
+        "tiles": tiles,
+        "bare_tiles_per_s": tiles / bare,
+        "tiler_1w_tiles_per_s": tiles / t1,
+        "tiler_2w_tiles_per_s": tiles / t2,
+        "tiler_1w_vs_bare": bare / t1,
+        "scaling_2w_vs_1w": t1 / t2,
+    }
+    print(
+        f"{name:<28} tiles={tiles:>6}  bare={row['bare_tiles_per_s']:8.1f}/s  "
+        f"tiler 1w={row['tiler_1w_tiles_per_s']:8.1f}/s ({row['tiler_1w_vs_bare']:.2f}× bare)  "
+        f"2w={row['tiler_2w_tiles_per_s']:8.1f}/s ({row['scaling_2w_vs_1w']:.2f}× 1w)",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=20000, help="side of the synthetic slide in pixels")
+    parser.add_argument("--copies", type=int, default=24, help="copies of the real fixture slide")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="cytosyn-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    big = work / "inputs" / f"synthetic_{args.size}.tiff"
+    if not big.exists():
+        big.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        write_synthetic_slide(big, width=args.size, height=args.size, mpp=0.25, compression="jpeg", seed=7)
+        print(f"wrote {big.name} ({big.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s")
+    fixture_dir = work / "inputs" / "fixture"
+    fixture_dir.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for i in range(args.copies):
+        p = fixture_dir / f"cmu_copy{i}.svs"
+        if not p.exists():
+            shutil.copyfile(bundled_slide(), p)
+        copies.append(p)
+
+    rows = [
+        bench(f"synthetic {args.size}² @0.25", [big], work),
+        bench(f"real fixture ×{args.copies} @0.499", copies, work),
+    ]
+    print(
+        f"peak RSS: this process {_peak_rss_mb(resource.RUSAGE_SELF):.0f} MB, "
+        f"largest worker {_peak_rss_mb(resource.RUSAGE_CHILDREN):.0f} MB"
+    )
+    (work / "tiler_benchmark.json").write_text(json.dumps(rows, indent=2))
+    print(f"results: {work / 'tiler_benchmark.json'}")
+
+
+if __name__ == "__main__":
+    main()
