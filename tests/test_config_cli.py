@@ -18,7 +18,7 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         {"grid": {"mpp": 0.5}}, ["grid.mpp=0.25", "slides.input=[a, b]", "run.overview=false"]
     )
     assert tree == {"grid": {"mpp": 0.25}, "slides": {"input": ["a", "b"]}, "run": {"overview": False}}
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         apply_overrides({}, ["grid.mpp"])
 
 
@@ -96,3 +96,11 @@ def test_console_script_help_runs():
         [sys.executable, "-m", "cytosyn.cli", "tile", "--help"], capture_output=True, text=True, check=True
     )
     assert "--part" in out.stdout and "KEY=VALUE" in out.stdout
+
+
+def test_example_configs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    cfg = load_config(TileConfig, root / "tile.yaml")
+    assert cfg == TileConfig(output=Path("tiles"))  # the commented example states the defaults

@@ -62,7 +62,7 @@ def test_blank_glass_has_no_tissue():
 
 
 def test_green_pen_is_not_tissue():
-    img, truth = _scene((245, 245, 245))
+    img, _ = _scene((245, 245, 245))
     img[20:30, 10:190] = (30, 160, 60)  # a green pen stroke
     mask, _ = detect_tissue(img, TissueConfig())
     assert not mask[20:30, 10:40].any()

@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install demo test test-slow lint bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/cytosyn demo --output demo_out
+
+test: install
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+# pytest exits 5 when no test is selected (no slow test yet); every other non-zero code fails.
+test-slow: install
+	$(PY) -m pytest -q -m "slow and not gpu" || [ $$? -eq 5 ]
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) benchmarks/tiler.py
+
+clean:
+	rm -rf demo_out .pytest_cache
