@@ -49,6 +49,23 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if summary.failed else EXIT_OK
 
 
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from cytosyn.data_prep.pack import run_pack, verify_dataset
+    from cytosyn.data_prep.pack_config import PackConfig
+
+    if args.verify is not None:
+        report = verify_dataset(args.verify)
+        print(report.report())
+        return EXIT_OK if report.ok else EXIT_ERROR
+    overrides = list(args.overrides)
+    if args.output is not None:
+        overrides.append(f"output={args.output}")
+    cfg = load_config(PackConfig, args.config, overrides)
+    summary = run_pack(cfg)
+    print(summary.report())
+    return EXIT_PARTIAL if summary.excluded else EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cytosyn.demo import run_demo
 
@@ -67,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     tile.add_argument("--workers", type=int, help="worker processes (run.workers)")
     tile.add_argument("--part", help="i/N: take every N-th slide starting at i (SLURM arrays)")
     tile.set_defaults(func=_cmd_tile)
+
+    pack = verbs.add_parser("pack", help="per-slide shards → patient-level split datasets with manifests")
+    _add_config_args(pack)
+    pack.add_argument("--output", type=Path, help="dataset folder (shorthand for output=...)")
+    pack.add_argument("--verify", type=Path, metavar="DATASET", help="verify a packed dataset instead of packing")
+    pack.set_defaults(func=_cmd_pack)
 
     demo = verbs.add_parser("demo", help="a tiny end-to-end run on bundled data")
     demo.add_argument("--output", type=Path, default=Path("demo_out"), help="demo folder (default demo_out)")
