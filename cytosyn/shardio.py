@@ -12,7 +12,7 @@ import hashlib
 import io
 import os
 import tarfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -157,3 +157,86 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: sequential, hashed, grouped into samples
+# --------------------------------------------------------------------------------------------------
+
+_READ_CHUNK = 8 << 20
+
+
+class ShardReadError(ValueError):
+    """A shard that is truncated, not a tar, or breaks the webdataset naming rules."""
+
+
+class HashingReader:
+    """A read-only file wrapper that hashes and counts the bytes read through it."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(_READ_CHUNK):
+            pass
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is everything up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    key, dot, ext = base.partition(".")
+    if not dot or not key:
+        raise ShardReadError(f"tar member {name!r} is not named <key>.<extension>")
+    return (f"{folder}/{key}" if folder else key), ext
+
+
+Sample = tuple[str, list[tuple[str, bytes]]]  # key, [(member name, bytes)] in tar order
+
+
+def iter_shard_samples(path: Path) -> Iterator[tuple[Sample, HashingReader]]:
+    """Yield the samples of a webdataset tar in order, reading it once; the reader holds the running hash.
+
+    After the last sample the rest of the file is read too, so ``reader.sha`` covers every byte.
+    A tar that ends early, is not a tar, or repeats a key raises :class:`ShardReadError`.
+    """
+    with open(path, "rb") as raw:
+        reader = HashingReader(raw)
+        current_key: str | None = None
+        members: list[tuple[str, bytes]] = []
+        seen: set[str] = set()
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    try:
+                        key, ext = split_member_name(info.name)
+                    except ShardReadError as err:
+                        raise ShardReadError(f"{path}: {err}") from None
+                    fobj = tar.extractfile(info)
+                    data = fobj.read() if fobj is not None else b""
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} ends early")
+                    if key != current_key:
+                        if current_key is not None:
+                            yield (current_key, members), reader
+                        if key in seen:
+                            raise ShardReadError(
+                                f"{path}: key {key!r} appears in two places in the shard (duplicate key)"
+                            )
+                        seen.add(key)
+                        current_key, members = key, []
+                    members.append((ext, data))
+            reader.drain()
+        except (tarfile.TarError, EOFError) as err:
+            raise ShardReadError(f"{path} is truncated or not a valid tar: {err}") from None
+        if current_key is not None:
+            yield (current_key, members), reader

@@ -38,7 +38,6 @@ import multiprocessing
 import re
 import shutil
 import struct
-import tarfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -71,14 +70,13 @@ from cytosyn.manifest import (
     read_manifest,
     write_manifest,
 )
-from cytosyn.shardio import ShardWriter
+from cytosyn.shardio import HashingReader, Sample, ShardReadError, ShardWriter, iter_shard_samples
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "pack_summary.json"
 RESOLVED_CONFIG_FILE = "pack_config.yaml"
 WORK_DIR = ".pack-work"
-_READ_CHUNK = 1 << 20
 _LIST_SHOWN = 10
 
 
@@ -104,73 +102,12 @@ def _listing(items: list[str], n: int = _LIST_SHOWN) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-class _HashingReader:
-    """A read-only file wrapper that hashes and counts the bytes read through it."""
-
-    def __init__(self, f):
-        self._f = f
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._f.read(size)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(_READ_CHUNK):
-            pass
-
-
-def _split_member_name(path: Path, name: str) -> tuple[str, str]:
-    """webdataset's rule: the key is everything up to the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    key, dot, ext = base.partition(".")
-    if not dot or not key:
-        raise PackError(f"{path}: tar member {name!r} is not named <key>.<extension>")
-    return (f"{folder}/{key}" if folder else key), ext
-
-
-Sample = tuple[str, list[tuple[str, bytes]]]  # key, [(extension, bytes)] in tar order
-
-
-def iter_tar_samples(path: Path) -> Iterator[tuple[Sample, _HashingReader]]:
-    """Yield the samples of a webdataset tar in order, reading it once; the reader holds the running hash.
-
-    After the last sample the rest of the file is read too, so ``reader.sha`` covers every byte.
-    A tar that ends early or is not a tar raises :class:`PackError`.
-    """
-    with open(path, "rb") as raw:
-        reader = _HashingReader(raw)
-        current_key: str | None = None
-        members: list[tuple[str, bytes]] = []
-        seen: set[str] = set()
-        try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    key, ext = _split_member_name(path, info.name)
-                    fobj = tar.extractfile(info)
-                    data = fobj.read() if fobj is not None else b""
-                    if len(data) != info.size:
-                        raise tarfile.ReadError(f"member {info.name} ends early")
-                    if key != current_key:
-                        if current_key is not None:
-                            yield (current_key, members), reader
-                        if key in seen:
-                            raise PackError(
-                                f"{path}: key {key!r} appears in two places in the shard (duplicate key)"
-                            )
-                        seen.add(key)
-                        current_key, members = key, []
-                    members.append((ext, data))
-            reader.drain()
-        except (tarfile.TarError, EOFError) as err:
-            raise PackError(f"{path} is truncated or not a valid tar: {err}") from None
-        if current_key is not None:
-            yield (current_key, members), reader
+def iter_tar_samples(path: Path) -> Iterator[tuple[Sample, HashingReader]]:
+    """:func:`cytosyn.shardio.iter_shard_samples`, with its errors as :class:`PackError`."""
+    try:
+        yield from iter_shard_samples(path)
+    except ShardReadError as err:
+        raise PackError(str(err)) from None
 
 
 def _check_sample(path: Path, sample: Sample) -> str:
