@@ -66,6 +66,24 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if summary.excluded else EXIT_OK
 
 
+def _cmd_featurize(args: argparse.Namespace) -> int:
+    from cytosyn.data_prep.featurize import FeaturizeError, run_featurize
+    from cytosyn.data_prep.featurize_config import FeaturizeConfig
+
+    overrides = list(args.overrides)
+    for flag in ("input", "output", "part"):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{flag}={getattr(args, flag)}")
+    cfg = load_config(FeaturizeConfig, args.config, overrides)
+    try:
+        summary = run_featurize(cfg)
+    except FeaturizeError as err:
+        print(f"cytosyn featurize: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    print(summary.report())
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cytosyn.demo import run_demo
 
@@ -90,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--output", type=Path, help="dataset folder (shorthand for output=...)")
     pack.add_argument("--verify", type=Path, metavar="DATASET", help="verify a packed dataset instead of packing")
     pack.set_defaults(func=_cmd_pack)
+
+    feat = verbs.add_parser("featurize", help="add encoder embeddings and VAE latents to a packed split")
+    _add_config_args(feat)
+    feat.add_argument("--input", type=Path, help="packed split folder (has manifest.json)")
+    feat.add_argument("--output", type=Path, help="featurized split folder")
+    feat.add_argument("--part", help="i/N: take every N-th shard from i (one process per GPU)")
+    feat.set_defaults(func=_cmd_featurize)
 
     demo = verbs.add_parser("demo", help="a tiny end-to-end run on bundled data")
     demo.add_argument("--output", type=Path, default=Path("demo_out"), help="demo folder (default demo_out)")

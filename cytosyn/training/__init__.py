@@ -1,0 +1,1 @@
+"""Training utilities (EMA, ...); the Lightning module and data wiring live elsewhere."""
