@@ -84,6 +84,24 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cytosyn.training.config import TrainConfig
+    from cytosyn.training.module import TrainingDataError
+    from cytosyn.training.run import EXIT_REQUEUE, run_training
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    try:
+        result = run_training(cfg, force=args.force)
+    except TrainingDataError as err:
+        print(f"cytosyn train: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    print(
+        f"train {result.status}: step {result.global_step}, {result.images_seen} images seen, "
+        f"{result.skipped_steps} skipped steps; run folder {cfg.run_dir}"
+    )
+    return EXIT_REQUEUE if result.status == "preempted" else EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cytosyn.demo import run_demo
 
@@ -115,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     feat.add_argument("--output", type=Path, help="featurized split folder")
     feat.add_argument("--part", help="i/N: take every N-th shard from i (one process per GPU)")
     feat.set_defaults(func=_cmd_featurize)
+
+    train = verbs.add_parser("train", help="train (or resume) a SiT latent-diffusion model")
+    _add_config_args(train)
+    train.add_argument("--force", action="store_true", help="resume even if the config differs from the run's")
+    train.set_defaults(func=_cmd_train)
 
     demo = verbs.add_parser("demo", help="a tiny end-to-end run on bundled data")
     demo.add_argument("--output", type=Path, default=Path("demo_out"), help="demo folder (default demo_out)")

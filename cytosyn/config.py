@@ -106,6 +106,24 @@ def load_config(schema: type[M], path: str | Path | None = None, overrides: Sequ
     return build_config(schema, data, overrides)
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists are values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """``key: old → new`` for every dotted key whose value differs between two config trees."""
+    fa, fb = flatten(a), flatten(b)
+    return [f"{k}: {fa.get(k)!r} → {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
     """Plain JSON-compatible data (paths become strings)."""
     return cfg.model_dump(mode="json")

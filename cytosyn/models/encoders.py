@@ -170,6 +170,15 @@ REGISTRY: dict[str, EncoderSpec] = {
             notes="open, non-pathology encoder: the ungated default for users without access to the others",
         ),
         EncoderSpec(
+            name="vit-tiny16",
+            timm_arch="vit_tiny_patch16_224",
+            timm_kwargs={"img_size": 224, "num_classes": 0},
+            embed_dim=192,
+            patch_size=16,
+            licence="Apache-2.0",
+            notes="a 5.7M-parameter ViT for the CPU demo and tests (always random-initialised there)",
+        ),
+        EncoderSpec(
             name="dinov2-vits14",
             timm_arch="vit_small_patch14_dinov2",
             timm_kwargs={"img_size": 224, "num_classes": 0},
