@@ -9,7 +9,6 @@ feature matrices are kept (float32, bounded by ``max_keep_mb``) for KID, PRDC an
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -124,7 +123,9 @@ def build_extractor(spec: str | Mapping[str, Any]) -> Any:
                 raise ValueError("fid-inception: random_init and weights are exclusive")
             return random_fid_inception(seed, resize=resize)
         if weights is None:
-            raise ValueError("fid-inception needs weights=<TorchScript file> (or random_init: true for tests)")
+            raise ValueError(
+                "fid-inception needs weights=<TorchScript file> (or random_init: true for tests)"
+            )
         return load_fid_inception(weights, resize=resize)
     from cytosyn.models.encoders import load_encoder
 
@@ -244,10 +245,15 @@ class _Accumulator:
         result = ExtractionResult()
         for name, ext in self.extractors.items():
             stats = self.stats[name]
-            stats.metadata = FeatureStats(metadata=stats_metadata(ext.settings(self.tile_hw), provenance)).metadata
+            stats.metadata = FeatureStats(
+                metadata=stats_metadata(ext.settings(self.tile_hw), provenance)
+            ).metadata
             result[name] = stats
         result.features = (
-            {name: np.concatenate(parts) if parts else np.zeros((0, 0), np.float32) for name, parts in self.kept.items()}
+            {
+                name: np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+                for name, parts in self.kept.items()
+            }
             if self.keep
             else None
         )
@@ -299,8 +305,3 @@ def extract_features(
         keys, batch, _ = nxt
         acc.update(keys, batch)
     return acc.finish(image_set.provenance, decode_s)
-
-
-def dumps_provenance(obj: Any) -> str:
-    """Canonical JSON of a provenance or result dict (sorted keys), for hashing or printing."""
-    return json.dumps(obj, sort_keys=True, default=str)

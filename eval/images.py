@@ -82,7 +82,21 @@ _STD_LUMA = np.array(
     dtype=np.int64,
 )  # fmt: skip
 _STD_CHROMA = np.full(64, 99, dtype=np.int64)
-_STD_CHROMA[[0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 24, 25]] = [17, 18, 24, 47, 18, 21, 26, 66, 24, 26, 56, 47, 66]
+_STD_CHROMA[[0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 24, 25]] = [
+    17,
+    18,
+    24,
+    47,
+    18,
+    21,
+    26,
+    66,
+    24,
+    26,
+    56,
+    47,
+    66,
+]
 
 
 def _scaled_table(base: np.ndarray, quality: int) -> np.ndarray:
@@ -174,6 +188,8 @@ def parse_codec(codec: str | Mapping[str, Any]) -> dict[str, Any] | None:
     elif spec.get("format") in ("jpeg", "jpg"):
         spec.pop("format")
         quality = spec.pop("quality", None)
+        if spec.pop("lossless", False):
+            raise ValueError(f"JPEG is never lossless: {codec!r}")
     else:
         raise ValueError(f"unknown codec {codec!r}: only JPEG re-encoding is supported ({{'jpeg': quality}})")
     subsampling = spec.pop("subsampling", "4:2:0")
@@ -335,14 +351,18 @@ class ImageSet:
         self._raw_items = raw_items
         self.limit = limit
         self.mpp = mpp
-        self.name = name or (Path(str(source)).name if not isinstance(source, list) else f"{len(source)} shards")
+        self.name = name or (
+            Path(str(source)).name if not isinstance(source, list) else f"{len(source)} shards"
+        )
         self._extra = dict(extra or {})
         self._applied = applied  # canonical JPEG settings when re-encoded in memory (with_codec)
         self._provenance: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- constructors
     @classmethod
-    def from_split(cls, folder: str | Path, *, limit: int | None = None, mpp: float | None = None) -> ImageSet:
+    def from_split(
+        cls, folder: str | Path, *, limit: int | None = None, mpp: float | None = None
+    ) -> ImageSet:
         """A split folder with ``manifest.json`` (from ``cytosyn pack``)."""
         folder = Path(folder)
         manifest = read_manifest(folder)
@@ -350,21 +370,21 @@ class ImageSet:
         member = manifest.image_member
 
         def items() -> Iterator[_Raw]:
+            # A shard is verified once read to its end (a limit that stops inside it skips the check).
             for entry in entries:
                 path = folder / entry.name
-                complete = False
-                reader = None
+                last = None
                 count = 0
                 for (key, members), reader in iter_shard_samples(path):
                     count += 1
+                    last = reader
                     yield _sample_item(key, members, path, member)
-                complete = True
-                if complete and reader is not None and reader.sha.hexdigest() != entry.sha256:
+                if last is not None and last.sha.hexdigest() != entry.sha256:
                     raise ImageSetError(
-                        f"{path}: sha256 {reader.sha.hexdigest()} differs from the manifest's {entry.sha256}; "
+                        f"{path}: sha256 {last.sha.hexdigest()} differs from the manifest's {entry.sha256}; "
                         "the shard changed after packing"
                     )
-                if complete and count != entry.count:
+                if count != entry.count:
                     raise ImageSetError(f"{path}: holds {count} samples, the manifest says {entry.count}")
 
         extra = {
@@ -396,7 +416,12 @@ class ImageSet:
 
     @classmethod
     def from_folder(
-        cls, folder: str | Path, *, limit: int | None = None, mpp: float | None = None, recursive: bool = False
+        cls,
+        folder: str | Path,
+        *,
+        limit: int | None = None,
+        mpp: float | None = None,
+        recursive: bool = False,
     ) -> ImageSet:
         """A folder of ``.png``/``.jpg``/``.jpeg``/``.webp`` files, sorted by relative path.
 
@@ -642,7 +667,9 @@ class _Tracker:
         mpp = self.target_mpp
         if s.mpp is not None:
             if mpp is not None and abs(mpp - s.mpp) > 1e-9:
-                raise ImageSetError(f"image set {s.name!r}: mpp={s.mpp} given, but the tiles' JSON says {mpp}")
+                raise ImageSetError(
+                    f"image set {s.name!r}: mpp={s.mpp} given, but the tiles' JSON says {mpp}"
+                )
             mpp = float(s.mpp)
         stored = {k: v for k, v in self.codec.items() if k not in ("mode", "codec_source")}
         codec = dict(stored)
@@ -664,7 +691,9 @@ class _Tracker:
             "codec": codec,
             "codec_label": codec_label(codec),
             "mpp": mpp,
-            "mpp_source": "tile-json" if self.target_mpp is not None else ("given" if s.mpp is not None else None),
+            "mpp_source": "tile-json"
+            if self.target_mpp is not None
+            else ("given" if s.mpp is not None else None),
             "effective_mpp": round(self.eff_mpp_sum / self.eff_mpp_n, 6) if self.eff_mpp_n else None,
             "fov_um": round(mpp * h, 3) if mpp is not None and h == w else None,
             "tiles_with_metadata": self.meta_count,

@@ -57,6 +57,7 @@ Equivalence to the standard weights — what could and could not be verified off
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -238,7 +239,9 @@ def load_fid_inception(
     if not path.is_file():
         raise FileNotFoundError(f"FID Inception file {path} does not exist")
     try:
-        model = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch ≥ 2.9 deprecates TorchScript loading
+            model = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:
         raise ValueError(
             f"{path} is not a TorchScript module ({err}); pytorch-fid's pt_inception-*.pth state dict is "
@@ -247,7 +250,9 @@ def load_fid_inception(
     args = [a.name for a in model.forward.schema.arguments]
     flavour: Literal["features", "nvidia"] = "nvidia" if "return_features" in args else "features"
     sha = _file_sha256(path)
-    wrapped = FIDInception(model, flavour=flavour, weights_id=f"sha256:{sha}", resize=resize, source=str(path))
+    wrapped = FIDInception(
+        model, flavour=flavour, weights_id=f"sha256:{sha}", resize=resize, source=str(path)
+    )
     probe = torch.full((1, FID_INPUT_SIZE, FID_INPUT_SIZE, 3), 128, dtype=torch.uint8)
     out = wrapped(probe)
     if out.shape != (1, FID_DIM):

@@ -44,7 +44,7 @@ def _colour(t: float) -> tuple[int, int, int]:
     t = min(max(t, 0.0), 1.0) * (len(_VIRIDIS) - 1)
     i = min(int(t), len(_VIRIDIS) - 2)
     c = _VIRIDIS[i] + (_VIRIDIS[i + 1] - _VIRIDIS[i]) * (t - i)
-    return (int(round(c[0])), int(round(c[1])), int(round(c[2])))
+    return (round(c[0]), round(c[1]), round(c[2]))
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -234,7 +234,9 @@ def write_report(
         "metrics": metrics or {},
         "jpeg_study": study,
         "provenance": provenance or {},
-        "heatmap": {"file": heatmap_name, "renderer": "PIL (matplotlib not installed)"} if heatmap_name else None,
+        "heatmap": {"file": heatmap_name, "renderer": "PIL (matplotlib not installed)"}
+        if heatmap_name
+        else None,
     }
     try:
         import torch

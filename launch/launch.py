@@ -65,18 +65,26 @@ class LaunchResult:
     notes: list[str] = field(default_factory=list)
     train_config: dict[str, Any] = field(default_factory=dict)  # the resolved training config
 
-    def report(self) -> str:
+    def report(self, warnings: bool = False) -> str:
+        """What happened (the script and resolved config too, for a dry run). Warnings are logged by
+        :func:`run_launch` as they arise; ``warnings=True`` repeats them here."""
         lines = []
         if self.dry_run:
             lines += [self.script.rstrip(), "", "# ---- resolved training config ----"]
             lines += ["# " + line for line in yaml.safe_dump(self.train_config, sort_keys=False).splitlines()]
-            lines += ["", f"dry run: nothing written or submitted; would write {self.config_path} and "
-                      f"{self.script_path}, then run: {' '.join(self.command)}"]  # fmt: skip
+            lines += [
+                "",
+                f"dry run: nothing written or submitted; would write {self.config_path} and "
+                f"{self.script_path}, then run: {' '.join(self.command)}",
+            ]
         lines += [f"note: {n}" for n in self.notes]
-        lines += [f"warning: {w}" for w in self.warnings]
+        if warnings:
+            lines += [f"warning: {w}" for w in self.warnings]
         if self.job_id is not None:
-            lines.append(f"submitted SLURM job {self.job_id} ({self.script_path}); follow it with: "
-                         f"cytosyn status {self.run_dir}")  # fmt: skip
+            lines.append(
+                f"submitted SLURM job {self.job_id} ({self.script_path}); "
+                f"follow it with: cytosyn status {self.run_dir}"
+            )
         if self.returncode is not None:
             lines.append(
                 f"torchrun launcher exited with {self.returncode} ({_describe_exit(self.returncode)})"
@@ -215,18 +223,17 @@ def run_launch(
     if cfg.backend == "slurm":
         (run_dir / "slurm").mkdir(parents=True, exist_ok=True)  # SLURM does not create log folders
         result.job_id = _submit_sbatch(command, workdir)
-        append_attempt_record(
-            run_dir,
-            {"event": "submit", "time": _now_iso(), "host": socket.gethostname(), "backend": "slurm",
-             "job_id": result.job_id, "script": str(script_path), "nodes": cfg.nodes,
-             "gpus_per_node": cfg.gpus_per_node},
-        )  # fmt: skip
+        submit = {"event": "submit", "time": _now_iso(), "host": socket.gethostname(), "backend": "slurm"}
+        submit |= {"job_id": result.job_id, "script": str(script_path)}
+        submit |= {"nodes": cfg.nodes, "gpus_per_node": cfg.gpus_per_node}
+        append_attempt_record(run_dir, submit)
     else:
         if cfg.nodes > 1:
             result.notes.append(
                 f"this node runs the launcher; start the same script on the other {cfg.nodes - 1} node(s): "
                 f"bash {script_path}"
             )
+            log.warning("%s", result.notes[-1])  # now, not after the run
         log.info("starting %s", " ".join(command))
         result.returncode = _run_foreground(command, workdir)
     return result
@@ -331,6 +338,8 @@ def _bytes(n: int) -> str:
 
 
 def _count(n: Any) -> str:
+    if n is None:
+        return "not reported"
     if not isinstance(n, (int, float)) or isinstance(n, bool):
         return str(n)
     text = f"{int(n):,}"
@@ -470,7 +479,7 @@ def status(run_dir: Path) -> str:
                 rate_text += f"; {_duration((max_steps - step) * global_batch / rate)} to go at this rate"
             lines.append(rate_text)
         else:
-            lines.append(f"  throughput   {rate}")
+            lines.append(f"  throughput   {_count(rate)}")
 
     ckpt_value = progress.get("last_checkpoint")
     ckpt = (

@@ -118,8 +118,9 @@ def environment_block(cfg: LaunchConfig, spec: JobSpec, environ: Mapping[str, st
         lines += [f"export {name}={_q(value)}" for name, value in passed]
     elif cfg.passthrough_env:
         names = ", ".join(cfg.passthrough_env[:3]) + (", ..." if len(cfg.passthrough_env) > 3 else "")
-        lines.append(f"# ({names} were not set when this was rendered: NCCL chooses its interfaces itself;")
-        lines.append("#  set them in the launching shell or under env: in the launch config to pin them.)")
+        lines.append(f"# ({names} were not set when this was rendered:")
+        lines.append("#  NCCL chooses its interfaces itself; set them in the launching shell or under env:")
+        lines.append("#  in the launch config to pin them.)")
     if cfg.env:
         lines.append("# Extra settings from the launch config (env:), last so they win over the above.")
         lines += [f"export {name}={_q(value)}" for name, value in cfg.env.items()]
@@ -302,7 +303,8 @@ done
 
 def _setup_block(cfg: LaunchConfig) -> str:
     if not cfg.setup:
-        return "# (no setup lines: `cytosyn` and `torchrun` must be on PATH as the job starts)"
+        needed = "`cytosyn`" if cfg.backend == "slurm" else "`torchrun` (of the Python that has cytosyn)"
+        return f"# (no setup lines in the launch config: {needed} must be on PATH when the job starts)"
     return "\n".join(["# ---- setup from the launch config ----", *cfg.setup])
 
 

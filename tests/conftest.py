@@ -12,6 +12,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+# Test modules import lightning/timm directly: make torchvision importable first (see cytosyn/compat.py).
+from cytosyn.compat import import_torchvision  # noqa: E402
+
+import_torchvision()
+
 from cytosyn.data_prep.tile_config import TileConfig
 from cytosyn.data_prep.tiler import TilingSummary, run_tiling
 
@@ -81,3 +86,45 @@ def shard_digests(output: Path) -> dict[str, str]:
         str(p.relative_to(output)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(Path(output).rglob("*.tar"))
     }
+
+
+def write_split(folder: Path, samples: list[tuple[str, dict[str, bytes]]], split: str, per_shard: int = 16) -> Path:
+    """Write samples (key, members) as a packed-style split with a manifest (for tests past `pack`)."""
+    from cytosyn.manifest import SplitManifest, write_manifest
+    from cytosyn.shardio import ShardWriter
+
+    writer = ShardWriter(folder, lambda i: f"{split}-{i:06d}.tar", max_samples=per_shard)
+    for key, members in samples:
+        writer.write({"__key__": key, **members})
+    shards = writer.close()
+    image = next(e for e in ("jpg", "png", "webp") if e in samples[0][1])
+    write_manifest(
+        SplitManifest(
+            split=split,
+            image_member=image,
+            samples=len(samples),
+            shards=[s.as_dict() for s in shards],
+            patients=sorted({k.split("__")[0] for k, _ in samples}),
+            slides=sorted({k.split("__")[0] for k, _ in samples}),
+        ),
+        folder,
+    )
+    return folder
+
+
+def fixture_tile_samples(output: Path, fixture: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """Tile the real fixture slide (JPEG q90) and return its samples as (key, members), in order."""
+    import json
+    import tarfile
+
+    from cytosyn.formats import slide_dir
+
+    run_tile([fixture], output, codec={"format": "jpeg", "quality": 90})
+    folder = slide_dir(output, "cmu_small_region")
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in json.loads((folder / "state.json").read_text())["shards"]:
+        with tarfile.open(folder / shard["name"]) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return sorted(samples.items())

@@ -104,3 +104,8 @@ def test_example_configs_validate():
     root = Path(__file__).resolve().parent.parent / "configs"
     cfg = load_config(TileConfig, root / "tile.yaml")
     assert cfg == TileConfig(output=Path("tiles"))  # the commented example states the defaults
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    tree = apply_overrides({}, ["optim.lr=2e-4", "a.b=1E3", "a.c=abc"])
+    assert tree["optim"]["lr"] == pytest.approx(2e-4) and tree["a"]["b"] == 1000.0 and tree["a"]["c"] == "abc"

@@ -144,7 +144,7 @@ def test_lossless_roundtrip_changes_no_pixel(shards, tmp_path):
     assert check["ok"] and check["checked"] == check["identical"] > N_TILES and check["max_abs_diff"] == 0
     assert check["pixels_sha256_harness"] == check["pixels_sha256_direct"] == full.provenance["pixels_sha256"]
     # same pixels through a split (manifest + sha256-checked shards) and through a folder of PNG files
-    samples = _samples(shards, 7)
+    samples = sorted(_samples(shards, 7))  # a folder is read in sorted order
     split = ImageSet.from_split(_write_split(tmp_path / "split", samples))
     folder = tmp_path / "files"
     folder.mkdir()
@@ -153,7 +153,8 @@ def test_lossless_roundtrip_changes_no_pixel(shards, tmp_path):
     as_files = ImageSet.from_folder(folder)
     first7 = ImageSet.from_shards(shards, limit=7)
     assert lossless_roundtrip_check(split)["ok"] and lossless_roundtrip_check(as_files)["ok"]
-    assert split.provenance["pixels_sha256"] == as_files.provenance["pixels_sha256"] == first7.provenance["pixels_sha256"]
+    assert split.provenance["pixels_sha256"] == as_files.provenance["pixels_sha256"]
+    assert split.provenance["keys_sha256"] == as_files.provenance["keys_sha256"]
     assert split.provenance["split"] == "test" and as_files.provenance["codec_source"] == "file"
     assert as_files.provenance["mpp"] is None  # files without JSON: field of view unknown unless given
     assert ImageSet.from_folder(folder, mpp=0.5).provenance["fov_um"] == 112.0
@@ -220,7 +221,12 @@ def test_jpeg_files_get_their_quality_from_the_quantisation_tables(tmp_path):
             tmp_path / f"{i}.jpg", quality=82, subsampling=0
         )
     prov = ImageSet.from_folder(tmp_path).provenance
-    assert prov["stored_codec"] == {"format": "jpeg", "lossless": False, "quality": 82, "subsampling": "4:4:4"}
+    assert prov["stored_codec"] == {
+        "format": "jpeg",
+        "lossless": False,
+        "quality": 82,
+        "subsampling": "4:4:4",
+    }
 
 
 # ------------------------------------------------------------------------------------------ JPEG study
@@ -252,13 +258,15 @@ def test_jpeg_study_grid(study):
 def test_report_folder(study, one_pass, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        fd = frechet_distance(one_pass["inception"], one_pass["inception"])
-    paths = write_report(tmp_path / "report", jpeg_study=study, metrics={"fid_random_self": fd},
+        fd = frechet_distance(one_pass["dinov2-vits14"], one_pass["dinov2-vits14"])
+    paths = write_report(tmp_path / "report", jpeg_study=study, metrics={"fd_dinov2_random_self": fd},
                          provenance={"features": one_pass.to_dict()})  # fmt: skip
     doc = json.loads(paths["metrics"].read_text())
     assert doc["jpeg_study"]["fd"]["dinov2-vits14"] == study.fd["dinov2-vits14"]
     assert doc["jpeg_study"]["reference"]["stored_codec_label"] == "png"
-    assert doc["provenance"]["features"]["stats"]["inception"]["metadata"]["resize"]["method"] == "tf1-bilinear"
+    assert (
+        doc["provenance"]["features"]["stats"]["inception"]["metadata"]["resize"]["method"] == "tf1-bilinear"
+    )
     md = paths["report"].read_text()
     assert "| **lossless** |" in md and "q50" in md and "field of view 112.0 µm" in md
     with Image.open(paths["heatmap"]) as im:
@@ -268,7 +276,9 @@ def test_report_folder(study, one_pass, tmp_path):
 # ----------------------------------------------------------------------------------------- Inception
 def test_resizes():
     x = torch.rand(2, 3, 224, 200, dtype=torch.float64) * 255
+
     # NVIDIA's grid_sample emulation is TF1's resize_bilinear: src = dst·in/out, clamp at the border
+    # (up to the float32 rounding of NVIDIA's affine matrix: ~1e-5 on the 0–255 scale)
     def tf1(n_in: int, n_out: int) -> torch.Tensor:
         src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
         x0 = src.floor().long()
@@ -279,7 +289,7 @@ def test_resizes():
         return m
 
     expected = torch.einsum("oh,bchw,pw->bcop", tf1(224, 299), x, tf1(200, 299))
-    torch.testing.assert_close(_tf1_bilinear(x, 299), expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(_tf1_bilinear(x, 299), expected, rtol=0, atol=1e-4)
     # upsampling: antialias changes nothing for bilinear; downsampling: it does
     up = x[..., :224, :]
     torch.testing.assert_close(resize_to(up, 299, "bilinear"), resize_to(up, 299, "bilinear-antialias"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -15,15 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_tile
+from conftest import fixture_tile_samples, write_split
 from cytosyn.data_prep.featurize import FeaturizeError, run_featurize
 from cytosyn.data_prep.featurize_config import FeaturizeConfig
 from PIL import Image
 
 from cytosyn.config import build_config
-from cytosyn.formats import slide_dir
-from cytosyn.manifest import SplitManifest, read_manifest, write_manifest
-from cytosyn.shardio import ShardWriter
+from cytosyn.manifest import read_manifest
 
 
 def _members(path: Path) -> dict[str, dict[str, bytes]]:
@@ -39,30 +36,8 @@ def _members(path: Path) -> dict[str, dict[str, bytes]]:
 def split(tmp_path_factory, fixture_slide) -> Path:
     """A packed-style split of 12 real JPEG tiles from the fixture slide, in two shards (7 + 5)."""
     root = tmp_path_factory.mktemp("featurize")
-    run_tile([fixture_slide], root / "tiles", codec={"format": "jpeg", "quality": 90})
-    folder = slide_dir(root / "tiles", "cmu_small_region")
-    state = json.loads((folder / "state.json").read_text())
-    samples = []
-    for shard in state["shards"]:
-        samples.extend(sorted(_members(folder / shard["name"]).items()))
-    samples = samples[:12]
-    out = root / "dataset" / "train"
-    writer = ShardWriter(out, lambda i: f"train-{i:06d}.tar", max_samples=7)
-    for key, members in samples:
-        writer.write({"__key__": key, **members})
-    shards = writer.close()
-    write_manifest(
-        SplitManifest(
-            split="train",
-            image_member="jpg",
-            samples=len(samples),
-            shards=[s.as_dict() for s in shards],
-            patients=["cmu_small_region"],
-            slides=["cmu_small_region"],
-        ),
-        out,
-    )
-    return out
+    samples = fixture_tile_samples(root / "tiles", fixture_slide)[:12]
+    return write_split(root / "dataset" / "train", samples, "train", per_shard=7)
 
 
 H0_MINI = [{"name": "h0-mini", "random_init": True, "outputs": ["cls", "patch"]}]

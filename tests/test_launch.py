@@ -44,7 +44,8 @@ from cytosyn.manifest import ShardEntry, SplitManifest, write_manifest
 
 def write_split(folder: Path, shards: int, per_shard: int = 100) -> Path:
     entries = [
-        ShardEntry(name=f"train-{i:06d}.tar", count=per_shard, bytes=1000, sha256="0" * 64) for i in range(shards)
+        ShardEntry(name=f"train-{i:06d}.tar", count=per_shard, bytes=1000, sha256="0" * 64)
+        for i in range(shards)
     ]
     manifest = SplitManifest(
         split="train",
@@ -159,7 +160,9 @@ def test_rendered_scripts_are_valid_bash_with_the_right_arguments(tmp_path, node
     assert all(i < first_command for i, line in enumerate(lines) if line.startswith("#SBATCH"))
 
     endpoint = "node0:29500" if nodes > 1 else None
-    loop = launch_cfg(backend="torchrun", nodes=nodes, gpus_per_node=gpus, cpus_per_task=16, rdzv_endpoint=endpoint)
+    loop = launch_cfg(
+        backend="torchrun", nodes=nodes, gpus_per_node=gpus, cpus_per_task=16, rdzv_endpoint=endpoint
+    )
     text_t = render_script(loop, spec, environ)
     assert f"torchrun --nnodes={nodes} --nproc-per-node={gpus} --rdzv-backend=c10d" in text_t
     assert f"--rdzv-endpoint={endpoint or 'localhost:0'}" in text_t
@@ -224,7 +227,11 @@ def test_inconsistent_global_batch_is_refused_with_the_numbers(tmp_path, fakes):
     assert calls(tmp_path) == []  # nothing submitted
     assert not (tmp_path / "run").exists()  # nothing written
     # 4 nodes × 8 GPUs × batch 8 = 256: consistent
-    tree = {"optim": {"global_batch": 256}, "data": {"batch_size": 8}, "trainer": {"devices": 8, "num_nodes": 4}}
+    tree = {
+        "optim": {"global_batch": 256},
+        "data": {"batch_size": 8},
+        "trainer": {"devices": 8, "num_nodes": 4},
+    }
     assert check_global_batch(tree) == []
     assert "missing" in check_global_batch({"data": {"batch_size": 8}, "trainer": {"devices": 1}})[0]
 
@@ -239,7 +246,9 @@ def test_too_few_shards_is_an_error_unless_forced(tmp_path, fakes):
     result = run_launch(train, launch_cfg(gpus_per_node=8, dry_run=True, force=True), [])
     assert any("3 shards" in w and "force" in w for w in result.warnings)
     # a split that is not visible from here is only a warning
-    result = run_launch(train, launch_cfg(dry_run=True), ["data.train=/nowhere/train", "optim.global_batch=4"])
+    result = run_launch(
+        train, launch_cfg(dry_run=True), ["data.train=/nowhere/train", "optim.global_batch=4"]
+    )
     assert any("not visible" in w for w in result.warnings)
 
 
@@ -305,7 +314,7 @@ def test_config_drift_is_refused_unless_forced(tmp_path, fakes):
 
 def test_sizes_come_from_the_training_config_unless_given(tmp_path):
     train = write_train_config(tmp_path, trainer={"num_nodes": 2, "devices": 4})
-    tree, cfg, run_dir = prepare_training_config(train, launch_cfg(), [], tmp_path)
+    _, cfg, _ = prepare_training_config(train, launch_cfg(), [], tmp_path)
     assert (cfg.nodes, cfg.gpus_per_node) == (2, 4)
     tree, cfg, _ = prepare_training_config(train, launch_cfg(gpus_per_node=8), ["run_dir=rel/run"], tmp_path)
     assert (cfg.nodes, cfg.gpus_per_node) == (2, 8)
@@ -350,7 +359,10 @@ def test_sbatch_script_requeues_itself_when_training_exits_75(tmp_path, fakes):
     assert proc.returncode == 75, proc.stderr
     log = calls(tmp_path)
     srun = next(line for line in log if line.startswith("srun"))
-    assert srun == f"srun --ntasks-per-node=8 --cpus-per-task=8 --kill-on-bad-exit=1 cytosyn train --config {run}/config.yaml"
+    assert (
+        srun
+        == f"srun --ntasks-per-node=8 --cpus-per-task=8 --kill-on-bad-exit=1 cytosyn train --config {run}/config.yaml"
+    )
     assert "scontrol requeue 1234" in log
     events = [(r["event"], r.get("attempt"), r.get("exit_code")) for r in read_attempts(run)[0]]
     assert events[-3:] == [("start", 1, None), ("end", 1, 75), ("requeue", 1, None)]
@@ -381,7 +393,9 @@ def test_torchrun_loop_restarts_on_75_until_finished(tmp_path, fakes, monkeypatc
     assert result.returncode == 0
     runs = [line for line in calls(tmp_path) if line.startswith("torchrun")]
     assert len(runs) == 3
-    assert runs[0].startswith("torchrun --nnodes=1 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=localhost:0")
+    assert runs[0].startswith(
+        "torchrun --nnodes=1 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=localhost:0"
+    )
     assert runs[0].endswith(f"-m cytosyn.cli train --config {tmp_path}/run/config.yaml")
     records, bad = read_attempts(tmp_path / "run")
     assert bad == 0
@@ -429,7 +443,7 @@ def test_torchrun_loop_passes_term_on_and_stops_with_75(tmp_path, fakes, monkeyp
     monkeypatch.setenv("FAKE_MODE", "wait")
     train = write_train_config(tmp_path)
     cfg = launch_cfg(backend="torchrun")
-    tree, cfg, run_dir = prepare_training_config(train, cfg, [], tmp_path)
+    _, cfg, run_dir = prepare_training_config(train, cfg, [], tmp_path)
     script = render_script(cfg, JobSpec(run_dir, run_dir / "config.yaml", tmp_path, 2))
     path = tmp_path / "torchrun.sh"
     path.write_text(script)
@@ -465,8 +479,19 @@ def _cli(argv: list[str]) -> int:
 def test_cli_dry_run_writes_nothing_and_prints_the_script(tmp_path, fakes, capsys):
     train = write_train_config(tmp_path, optim={"global_batch": 64}, data={"batch_size": 8})
     code = _cli(
-        ["--config", str(train), "--nodes", "1", "--gpus-per-node", "8", "--time", "48:00:00", "--dry-run",
-         "launch.env.NCCL_DEBUG=INFO", "optim.lr=3.0e-4"]  # fmt: skip
+        [
+            "--config",
+            str(train),
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "8",
+            "--time",
+            "48:00:00",
+            "--dry-run",
+            "launch.env.NCCL_DEBUG=INFO",
+            "optim.lr=3.0e-4",
+        ]
     )
     out = capsys.readouterr().out
     assert code == 0
@@ -514,8 +539,15 @@ def test_status_summarises_a_hand_written_run_folder(tmp_path):
     lines = [
         {"event": "submit", "time": "2026-01-01T00:00:00Z", "host": "login1", "job_id": "1234"},
         {"event": "start", "time": "2026-01-01T00:01:00Z", "host": "gpu01", "job_id": "1234", "attempt": 1},
-        {"event": "end", "time": "2026-01-02T00:00:00Z", "host": "gpu01", "job_id": "1234", "attempt": 1,
-         "exit_code": 75, "preempted": True},  # fmt: skip
+        {
+            "event": "end",
+            "time": "2026-01-02T00:00:00Z",
+            "host": "gpu01",
+            "job_id": "1234",
+            "attempt": 1,
+            "exit_code": 75,
+            "preempted": True,
+        },
         {"event": "start", "time": "2026-01-02T00:05:00Z", "host": "gpu07", "job_id": "1234", "attempt": 2},
     ]
     (run / "launch" / "attempts.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
@@ -538,3 +570,10 @@ def test_status_summarises_a_hand_written_run_folder(tmp_path):
     assert "none yet" in status(empty)
     with pytest.raises(FileNotFoundError):
         status(tmp_path / "missing")
+
+
+def test_example_launch_config_states_the_defaults():
+    from cytosyn.config import load_config
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "launch.yaml"
+    assert load_config(LaunchConfig, path) == LaunchConfig()

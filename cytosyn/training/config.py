@@ -124,7 +124,12 @@ class TrainConfig(StrictModel):
 
     @property
     def images_per_step(self) -> int:
-        return self.data.batch_size * self.trainer.devices * self.trainer.num_nodes * self.trainer.accumulate_grad_batches
+        return (
+            self.data.batch_size
+            * self.trainer.devices
+            * self.trainer.num_nodes
+            * self.trainer.accumulate_grad_batches
+        )
 
     def identity_settings(self) -> dict[str, Any]:
         """Settings a resumed run must share with its checkpoint (everything but run length and logging)."""

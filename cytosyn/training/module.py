@@ -64,7 +64,9 @@ def split_features(cfg: TrainConfig, manifest: SplitManifest, where: Path) -> di
     vae = _feature(manifest, "vae.npy", where)
     stats = vae.details.get("latent_stats")
     if not stats:
-        raise TrainingDataError(f"split {where}: vae.npy has no latent statistics in its manifest (re-run featurize)")
+        raise TrainingDataError(
+            f"split {where}: vae.npy has no latent statistics in its manifest (re-run featurize)"
+        )
     repa_dim = None
     if cfg.repa.weight > 0 and cfg.data.repa_target:
         target = _feature(manifest, f"{cfg.data.repa_target}.npy", where)
@@ -76,7 +78,8 @@ def split_features(cfg: TrainConfig, manifest: SplitManifest, where: Path) -> di
         "latent_channels": int(vae.details["shape"][1]),
         "latent_size": int(vae.details["shape"][2]),
         "latent_mean": stats["mean"],
-        "latent_std": stats["std"],
+        # Training on samples z = mean + σ·ε normalises by their std; training on the means by the means' std.
+        "latent_std": stats["std"] if cfg.diffusion.sample_posterior else stats["mean_std"],
         "vae": {"model_id": vae.model_id, "weights": vae.details.get("weights")},
         "repa_dim": repa_dim,
     }
@@ -114,7 +117,9 @@ class LatentDiffusionModule(L.LightningModule):
             state = torch.load(cfg.model.init_from, map_location="cpu", weights_only=False)
             log.info("init from %s: %s", cfg.model.init_from, load_sit_state_dict(model, state).summary())
         if cfg.diffusion.latent_norm == "fixed":
-            norm: nn.Module = FixedLatentNorm(torch.tensor(features["latent_mean"]), torch.tensor(features["latent_std"]))
+            norm: nn.Module = FixedLatentNorm(
+                torch.tensor(features["latent_mean"]), torch.tensor(features["latent_std"])
+            )
         else:
             norm = BatchNormLatentNorm(features["latent_channels"])
         self.net = nn.ModuleDict({"model": model, "latent_norm": norm})
@@ -146,16 +151,14 @@ class LatentDiffusionModule(L.LightningModule):
             seed=cfg.seed,
             members=members + (["image"] if cfg.repa.online_encoder else []),
         )
-        self._loader = build_loader(cfg.data.train, loader_cfg, rank=self.global_rank, world_size=self.trainer.world_size)
+        self._loader = build_loader(
+            cfg.data.train, loader_cfg, rank=self.global_rank, world_size=self.trainer.world_size
+        )
         if self._loader_state_to_restore is not None:
             states = self._loader_state_to_restore
             state = states[self.global_rank] if self.global_rank < len(states) else states[0]
             self._loader.load_state_dict(state)
         return _LoaderWithState(self._loader)
-
-    def on_train_epoch_start(self) -> None:
-        if self._loader is not None:
-            self._loader.set_epoch(self.current_epoch)  # a no-op right after a mid-epoch resume
 
     def _randomness(self, keys: list[str], shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-sample t, noise, posterior ε and dropout draw, from (seed, micro-batch, key)."""
@@ -168,7 +171,12 @@ class LatentDiffusionModule(L.LightningModule):
             eps.append(torch.randn(shape, generator=g))
             drops.append(torch.rand(1, generator=g) < self.cfg.model.cond_dropout)
         dev = self.device
-        return torch.cat(ts).to(dev), torch.stack(noises).to(dev), torch.stack(eps).to(dev), torch.cat(drops).to(dev)
+        return (
+            torch.cat(ts).to(dev),
+            torch.stack(noises).to(dev),
+            torch.stack(eps).to(dev),
+            torch.cat(drops).to(dev),
+        )
 
     def _latents(self, moments: Tensor, eps: Tensor | None) -> Tensor:
         moments = moments.to(self.device, torch.float32)
@@ -194,7 +202,9 @@ class LatentDiffusionModule(L.LightningModule):
 
             r = self.cfg.repa
             enc = load_encoder(r.online_encoder, r.online_weights, random_init=r.online_random_init)
-            object.__setattr__(self, "online_encoder", enc.to(self.device))  # not a submodule: frozen, not saved
+            object.__setattr__(
+                self, "online_encoder", enc.to(self.device)
+            )  # not a submodule: frozen, not saved
         return self.online_encoder
 
     # ---- training --------------------------------------------------------------------------------------
@@ -202,6 +212,7 @@ class LatentDiffusionModule(L.LightningModule):
     def _losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         model = self.net["model"]
         keys = list(batch["__key__"])
+        self._last_keys = sample_seed(*keys)  # a fingerprint of the batch, for resume checks
         moments = batch["vae"]
         shape = tuple(moments.shape[2:])
         t, noise, eps, drop = self._randomness(keys, shape)
@@ -234,7 +245,11 @@ class LatentDiffusionModule(L.LightningModule):
         loss, loss_diff, loss_repa = self._losses(batch)
         if not self._all_ranks_finite(loss):
             self._bad_window = True
-            log.warning("non-finite loss at micro-batch %d (step %d): skipping this step", self.micro_step, self.global_step)
+            log.warning(
+                "non-finite loss at micro-batch %d (step %d): skipping this step",
+                self.micro_step,
+                self.global_step,
+            )
         if not self._bad_window:
             with opt.toggle_model(sync_grad=last_micro):
                 self.manual_backward(loss / accum)
@@ -293,7 +308,11 @@ class LatentDiffusionModule(L.LightningModule):
     def _log_step(self, loss: Tensor, loss_diff: Tensor, loss_repa: Tensor, last_micro: bool) -> None:
         world = self.trainer.world_size
         images_seen = self.micro_step * self.cfg.data.batch_size * world
-        values = {"train/loss": loss.detach(), "train/loss_diffusion": loss_diff.detach(), "train/loss_repa": loss_repa.detach()}
+        values = {
+            "train/loss": loss.detach(),
+            "train/loss_diffusion": loss_diff.detach(),
+            "train/loss_repa": loss_repa.detach(),
+        }
         self.log_dict(values, on_step=True, prog_bar=False, sync_dist=world > 1)
         self.log("images_seen", float(images_seen), on_step=True, prog_bar=True)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
@@ -307,7 +326,9 @@ class LatentDiffusionModule(L.LightningModule):
             self.log("lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
             if self.device.type == "cuda":
                 self.log("perf/max_memory_gb", torch.cuda.max_memory_allocated() / 2**30, on_step=True)
-        self.history.append({"micro_step": self.micro_step, "loss": float(loss.detach())})
+        self.history.append(
+            {"micro_step": self.micro_step, "loss": float(loss.detach()), "keys": self._last_keys}
+        )
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -365,10 +386,16 @@ class LatentDiffusionModule(L.LightningModule):
         out: dict[str, float] = {}
         try:
             for name, (moments, cond) in self._val_sets.items():
-                x0 = net["latent_norm"].normalize(moments[:, 0].to(self.device))
-                cond = cond.to(self.device)
                 g = torch.Generator().manual_seed(cfg.validation.seed)
-                noise = torch.randn(x0.shape, generator=g).to(self.device)
+                noise = torch.randn(moments[:, 0].shape, generator=g)
+                eps = (
+                    torch.randn(moments[:, 0].shape, generator=g) if cfg.diffusion.sample_posterior else None
+                )
+                mean, logvar = moments[:, 0].to(self.device), moments[:, 1].to(self.device)
+                z = mean if eps is None else mean + torch.exp(0.5 * logvar) * eps.to(self.device)
+                x0 = net["latent_norm"].normalize(z)  # the same distribution as training, with fixed draws
+                noise = noise.to(self.device)
+                cond = cond.to(self.device)
                 per_t = []
                 for tv in cfg.validation.t_values:
                     t = torch.full((x0.shape[0],), tv, device=self.device)
@@ -423,20 +450,21 @@ class LatentDiffusionModule(L.LightningModule):
 
 
 class _LoaderWithState:
-    """Wraps the training loader so each batch carries the loader's state *after* it.
+    """The training loader as one endless stream, each batch carrying the loader's state *after* it.
 
-    Lightning fetches one batch ahead; the state checkpointed with step k must be the one right after
-    batch k, not after the prefetched k+1, or a resumed run would skip a batch.
+    - Endless: the loader moves itself to the next epoch when one is done, so Lightning sees a single
+      epoch and its epoch counter never drives the data. (On a resume right after an epoch's last batch,
+      Lightning's and the loader's epoch numbers would otherwise disagree and a whole epoch be skipped.)
+      Training length is ``trainer.max_steps``.
+    - State per batch: Lightning fetches one batch ahead, so the state checkpointed with step k must be
+      the one right after batch k, not after the prefetched k+1, or a resumed run would skip a batch.
     """
 
     def __init__(self, loader):
         self.loader = loader
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
     def __iter__(self):
-        for batch in self.loader:
-            batch["__loader_state__"] = self.loader.state_dict()
-            yield batch
-
+        while True:
+            for batch in self.loader:
+                batch["__loader_state__"] = self.loader.state_dict()
+                yield batch

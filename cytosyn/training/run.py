@@ -171,7 +171,12 @@ class Preemption(Callback):
             return
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if restarts + 1 >= self.max_attempts:
-            log.error("job %s was already started %d times (max_attempts %d): not requeuing", job, restarts + 1, self.max_attempts)
+            log.error(
+                "job %s was already started %d times (max_attempts %d): not requeuing",
+                job,
+                restarts + 1,
+                self.max_attempts,
+            )
             return
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         if result.returncode:
@@ -195,7 +200,9 @@ def build_trainer(cfg: TrainConfig, callbacks: list[Callback]) -> L.Trainer:
     """A Lightning Trainer for ``cfg``: bf16 on GPU / fp32 on CPU, DDP or DeepSpeed ZeRO-2, loggers."""
     t = cfg.trainer
     accelerator = _accelerator(cfg)
-    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if accelerator == "gpu" else "32-true")
+    precision = (
+        t.precision if t.precision != "auto" else ("bf16-mixed" if accelerator == "gpu" else "32-true")
+    )
     world = t.devices * t.num_nodes
     plugins: list[Any] = []
     if t.strategy == "deepspeed_stage_2":
@@ -261,7 +268,8 @@ class TrainResult:
     images_seen: int
     skipped_steps: int
     resumed_from: Path | None
-    history: list[dict[str, float]]
+    history: list[dict[str, float]]  # loss per micro-batch trained by this process (this run only)
+    validation: dict[str, float]  # held-out and train-patient losses at the end (rank 0)
 
 
 def _check_config_drift(cfg: TrainConfig, force: bool) -> None:
@@ -310,6 +318,7 @@ def run_training(cfg: TrainConfig, force: bool = False) -> TrainResult:
     trainer.fit(module, ckpt_path=str(resume) if resume else None)
     status = "preempted" if preemption.preempted else "finished"
     progress.write(trainer, module, status=status)
+    validation = module.validation_losses() if trainer.global_rank == 0 and status == "finished" else {}
     return TrainResult(
         status=status,
         global_step=trainer.global_step,
@@ -317,4 +326,5 @@ def run_training(cfg: TrainConfig, force: bool = False) -> TrainResult:
         skipped_steps=module.skipped_steps,
         resumed_from=resume,
         history=module.history,
+        validation=validation,
     )
