@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     pack = verbs.add_parser("pack", help="per-slide shards → patient-level split datasets with manifests")
     _add_config_args(pack)
     pack.add_argument("--output", type=Path, help="dataset folder (shorthand for output=...)")
-    pack.add_argument("--verify", type=Path, metavar="DATASET", help="verify a packed dataset instead of packing")
+    pack.add_argument(
+        "--verify", type=Path, metavar="DATASET", help="verify a packed dataset instead of packing"
+    )
     pack.set_defaults(func=_cmd_pack)
 
     feat = verbs.add_parser("featurize", help="add encoder embeddings and VAE latents to a packed split")
@@ -136,8 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = verbs.add_parser("train", help="train (or resume) a SiT latent-diffusion model")
     _add_config_args(train)
-    train.add_argument("--force", action="store_true", help="resume even if the config differs from the run's")
+    train.add_argument(
+        "--force", action="store_true", help="resume even if the config differs from the run's"
+    )
     train.set_defaults(func=_cmd_train)
+
+    from cytosyn.launch.launch import add_launch_arguments, cmd_launch, cmd_status
+
+    launch = verbs.add_parser(
+        "launch", help="render and submit a multi-node training job (SLURM or torchrun)"
+    )
+    add_launch_arguments(launch)
+    launch.set_defaults(func=cmd_launch)
+
+    status = verbs.add_parser("status", help="progress of a training run folder")
+    status.add_argument("run_dir", type=Path)
+    status.set_defaults(func=cmd_status)
 
     demo = verbs.add_parser("demo", help="a tiny end-to-end run on bundled data")
     demo.add_argument("--output", type=Path, default=Path("demo_out"), help="demo folder (default demo_out)")

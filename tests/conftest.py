@@ -13,15 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 # Test modules import lightning/timm directly: make torchvision importable first (see cytosyn/compat.py).
-from cytosyn.compat import import_torchvision  # noqa: E402
+from cytosyn.compat import import_torchvision
 
 import_torchvision()
 
-from cytosyn.data_prep.tile_config import TileConfig
-from cytosyn.data_prep.tiler import TilingSummary, run_tiling
+from cytosyn.data_prep.tile_config import TileConfig  # noqa: E402
+from cytosyn.data_prep.tiler import TilingSummary, run_tiling  # noqa: E402
 
-from cytosyn.config import build_config
-from cytosyn.demo import bundled_slide
+from cytosyn.config import build_config  # noqa: E402
+from cytosyn.demo import bundled_slide  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -128,3 +128,58 @@ def fixture_tile_samples(output: Path, fixture: Path) -> list[tuple[str, dict[st
                 key, ext = m.name.split(".", 1)
                 samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
     return sorted(samples.items())
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tmp_path_factory) -> dict[str, Path]:
+    """Featurized train (32 tiles) and held-out val (the rest) splits of the real fixture slide, made with
+    random-initialised small models of real architectures (vit-tiny16 encoder, tiny-f8 VAE)."""
+    from cytosyn.data_prep.featurize import run_featurize
+    from cytosyn.data_prep.featurize_config import FeaturizeConfig
+
+    root = tmp_path_factory.mktemp("training")
+    samples = fixture_tile_samples(root / "tiles", bundled_slide())
+    out = {}
+    for name, part in (("train", samples[:32]), ("val", samples[32:])):
+        write_split(root / "dataset" / name, part, name)
+        cfg = build_config(
+            FeaturizeConfig,
+            {
+                "input": str(root / "dataset" / name),
+                "output": str(root / "features" / name),
+                "encoders": [{"name": "vit-tiny16", "random_init": True, "outputs": ["cls", "patch"]}],
+                "vae": {"name": "tiny-f8", "random_init": True},
+                "decode_check": 0,
+                "progress": False,
+            },
+        )
+        run_featurize(cfg)
+        out[name] = root / "features" / name
+    return out
+
+
+def tiny_train_config(features: dict[str, Path], run_dir: Path) -> dict:
+    """The tiny SiT-T/2 training config (as plain data) on :func:`tiny_features` splits."""
+    return {
+        "run_dir": str(run_dir),
+        "data": {
+            "train": str(features["train"]),
+            "val": str(features["val"]),
+            "condition": "vit-tiny16",
+            "repa_target": "vit-tiny16_patch",
+            "batch_size": 8,
+            "num_workers": 0,
+            "shuffle_buffer": 16,
+        },
+        "model": {"preset": "SiT-T/2"},
+        "optim": {"lr": 1e-3, "warmup_steps": 5},
+        "ema": {"decay": 0.9},
+        "trainer": {
+            "max_steps": 16,
+            "accelerator": "cpu",
+            "log_every_n_steps": 1,
+            "checkpoint_every_n_steps": 8,
+        },
+        "validation": {"every_n_steps": 0, "max_batches": 2},
+        "logging": {"wandb": "disabled"},
+    }

@@ -11,9 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import fixture_tile_samples, write_split
-from cytosyn.data_prep.featurize import run_featurize
-from cytosyn.data_prep.featurize_config import FeaturizeConfig
+from conftest import tiny_train_config, write_split
 
 from cytosyn.config import ConfigError, build_config, write_resolved_config
 from cytosyn.manifest import read_manifest, write_manifest
@@ -22,58 +20,14 @@ from cytosyn.training.config import TrainConfig
 from cytosyn.training.module import LatentDiffusionModule, TrainingDataError, split_features
 from cytosyn.training.run import find_resume_checkpoint, run_training
 
-ENCODER = [{"name": "vit-tiny16", "random_init": True, "outputs": ["cls", "patch"]}]
-
 
 @pytest.fixture(scope="module")
-def features(tmp_path_factory, fixture_slide) -> dict[str, Path]:
-    """Featurized train (32 tiles) and held-out val (the rest) splits of the real fixture slide."""
-    root = tmp_path_factory.mktemp("training")
-    samples = fixture_tile_samples(root / "tiles", fixture_slide)
-    out = {}
-    for name, part in (("train", samples[:32]), ("val", samples[32:])):
-        write_split(root / "dataset" / name, part, name)
-        cfg = build_config(
-            FeaturizeConfig,
-            {
-                "input": str(root / "dataset" / name),
-                "output": str(root / "features" / name),
-                "encoders": ENCODER,
-                "vae": {"name": "tiny-f8", "random_init": True},
-                "decode_check": 0,
-                "progress": False,
-            },
-        )
-        run_featurize(cfg)
-        out[name] = root / "features" / name
-    return out
+def features(tiny_features) -> dict[str, Path]:
+    return tiny_features
 
 
 def _cfg(features: dict[str, Path], run_dir: Path, *overrides: str) -> TrainConfig:
-    data = {
-        "run_dir": str(run_dir),
-        "data": {
-            "train": str(features["train"]),
-            "val": str(features["val"]),
-            "condition": "vit-tiny16",
-            "repa_target": "vit-tiny16_patch",
-            "batch_size": 8,
-            "num_workers": 0,
-            "shuffle_buffer": 16,
-        },
-        "model": {"preset": "SiT-T/2"},
-        "optim": {"lr": 1e-3, "warmup_steps": 5},
-        "ema": {"decay": 0.9},
-        "trainer": {
-            "max_steps": 16,
-            "accelerator": "cpu",
-            "log_every_n_steps": 1,
-            "checkpoint_every_n_steps": 8,
-        },
-        "validation": {"every_n_steps": 0, "max_batches": 2},
-        "logging": {"wandb": "disabled"},
-    }
-    return build_config(TrainConfig, data, list(overrides))
+    return build_config(TrainConfig, tiny_train_config(features, run_dir), list(overrides))
 
 
 def _initial_validation(cfg: TrainConfig) -> dict[str, float]:

@@ -151,6 +151,11 @@ class Preemption(Callback):
             except ValueError:  # not the main thread (e.g. some notebook runners)
                 log.warning("cannot install a handler for signal %s here", sig)
 
+    def on_train_end(self, trainer, module) -> None:
+        """A finished run always leaves its final weights in last.ckpt (every rank takes part)."""
+        if not self.preempted:
+            trainer.save_checkpoint(self.run_dir / CHECKPOINT_DIR / "last.ckpt")
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if module.micro_step % module.cfg.trainer.accumulate_grad_batches:
             return  # only at optimizer-step boundaries
