@@ -105,7 +105,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cytosyn.demo import run_demo
 
-    return run_demo(args.output, workers=args.workers)
+    return run_demo(args.output, workers=args.workers, train_steps=args.train_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="a tiny end-to-end run on bundled data")
     demo.add_argument("--output", type=Path, default=Path("demo_out"), help="demo folder (default demo_out)")
     demo.add_argument("--workers", type=int, default=1)
+    demo.add_argument("--train-steps", type=int, default=100, help="training steps of the tiny model")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -2,9 +2,10 @@
 
 1. tile the bundled real H&E slide (an Aperio crop of OpenSlide's CMU-1) and six synthetic pyramidal
    slides named like TCGA slides of three tissue source sites;
-2. pack them into patient-level train / val / test splits and verify the result.
-
-Each later stage (featurize, train, sample, eval) extends this.
+2. pack them into patient-level train / val / test splits and verify the result;
+3. featurize the splits — with RANDOM-INITIALISED small models (a ViT-Tiny encoder and a tiny f8 VAE,
+   the real architectures' shape but no pretrained weights: nothing downloads, nothing is meaningful);
+4. train the tiny SiT-T/2 preset for a short run (held-out validation, a sample grid, checkpoints).
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ def _write_inputs(slides: Path) -> Path:
     return table
 
 
-def run_demo(output: Path, workers: int = 1) -> int:
+DEMO_ENCODER = {"name": "vit-tiny16", "random_init": True, "outputs": ["cls", "patch"]}
+DEMO_VAE = {"name": "tiny-f8", "random_init": True}
+STEPS = 5
+
+
+def run_demo(output: Path, workers: int = 1, train_steps: int = 100) -> int:
     from cytosyn.data_prep.pack import run_pack, verify_dataset
     from cytosyn.data_prep.pack_config import PackConfig
     from cytosyn.data_prep.tile_config import TileConfig
@@ -53,7 +59,7 @@ def run_demo(output: Path, workers: int = 1) -> int:
     slides = output / "slides_in"
     table = _write_inputs(slides)
 
-    print(f"[demo 1/2] tile {len(_SYNTHETIC) + 1} slides → {output / 'tiles'}")
+    print(f"[demo 1/{STEPS}] tile {len(_SYNTHETIC) + 1} slides → {output / 'tiles'}")
     tile_cfg = build_config(
         TileConfig,
         {
@@ -67,7 +73,7 @@ def run_demo(output: Path, workers: int = 1) -> int:
     if tiled.failed:
         return 3
 
-    print(f"[demo 2/2] pack patient-level splits → {output / 'dataset'}")
+    print(f"[demo 2/{STEPS}] pack patient-level splits → {output / 'dataset'}")
     pack_cfg = build_config(
         PackConfig,
         {
@@ -82,5 +88,56 @@ def run_demo(output: Path, workers: int = 1) -> int:
     print(verified.report())
     if not verified.ok:
         return 1
-    print(f"demo done: tiles under {output / 'tiles'}, dataset under {output / 'dataset'}")
+    _featurize(output)
+    run_dir = _train(output, train_steps)
+    print(f"demo done under {output}: tiles/, dataset/, features/, run/ (checkpoints, logs, samples)")
+    print(f"  look at: {run_dir / 'samples'} (sample grids), {output / 'tiles' / 'slides'} (overviews)")
     return 0
+
+
+def _featurize(output: Path) -> None:
+    from cytosyn.data_prep.featurize import run_featurize
+    from cytosyn.data_prep.featurize_config import FeaturizeConfig
+
+    print(f"[demo 3/{STEPS}] featurize with RANDOM-INITIALISED small models (demo only) → {output / 'features'}")
+    for split in ("train", "val", "test"):
+        cfg = build_config(
+            FeaturizeConfig,
+            {
+                "input": str(output / "dataset" / split),
+                "output": str(output / "features" / split),
+                "encoders": [DEMO_ENCODER],
+                "vae": DEMO_VAE,
+                "batch_size": 32,
+            },
+        )
+        print(f"  {split}: {run_featurize(cfg).report()}")
+
+
+def _train(output: Path, steps: int) -> Path:
+    from cytosyn.config import load_config
+    from cytosyn.training.config import TrainConfig
+    from cytosyn.training.run import run_training
+
+    run_dir = output / "run"
+    print(f"[demo 4/{STEPS}] train SiT-T/2 for {steps} steps on CPU → {run_dir}")
+    preset = Path(str(resources.files("cytosyn.configs") / "train_tiny.yaml"))
+    cfg = load_config(
+        TrainConfig,
+        preset,
+        [
+            f"run_dir={run_dir}",
+            f"data.train={output / 'features' / 'train'}",
+            f"data.val={output / 'features' / 'val'}",
+            f"trainer.max_steps={steps}",
+            f"validation.every_n_steps={steps}",
+            f"validation.sample_grid_every_n_steps={steps}",
+        ],
+    )
+    result = run_training(cfg)
+    v = result.validation
+    print(
+        f"  {result.status} at step {result.global_step}: held-out loss {v.get('val/loss', float('nan')):.3f}, "
+        f"training-patient loss {v.get('train_ref/loss', float('nan')):.3f}, overfitting gap {v.get('overfit_gap', float('nan')):+.3f}"
+    )
+    return run_dir

@@ -109,3 +109,17 @@ def test_example_configs_validate():
 def test_exponent_floats_without_a_dot_are_numbers():
     tree = apply_overrides({}, ["optim.lr=2e-4", "a.b=1E3", "a.c=abc"])
     assert tree["optim"]["lr"] == pytest.approx(2e-4) and tree["a"]["b"] == 1000.0 and tree["a"]["c"] == "abc"
+
+
+def test_training_presets_validate():
+    from pathlib import Path
+
+    from cytosyn.training.config import TrainConfig
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for name in ("train_tiny.yaml", "train_sit_b2.yaml", "train_sit_xl2.yaml"):
+        cfg = load_config(TrainConfig, root / name)
+        if cfg.optim.global_batch:
+            assert cfg.optim.global_batch == cfg.images_per_step
+    xl = load_config(TrainConfig, root / "train_sit_xl2.yaml")
+    assert (xl.model.preset, xl.optim.lr, xl.ema.decay, xl.repa.weight, xl.images_per_step) == ("SiT-XL/2", 1e-4, 0.9999, 0.5, 256)

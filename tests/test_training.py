@@ -187,3 +187,23 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(features
     w1, w2 = c1["state_dict"], c2["state_dict"]
     for key in w1:
         assert torch.allclose(w1[key].float(), w2[key].float(), rtol=1e-4, atol=1e-5), key
+
+
+def test_sample_grid_every_n_steps(features, tmp_path):
+    cfg = _cfg(
+        features,
+        tmp_path / "run",
+        "trainer.max_steps=4",
+        "validation.sample_grid_every_n_steps=2",
+        "validation.sample_grid_size=3",
+        "validation.sample_steps=4",
+        "validation.every_n_steps=2",
+    )
+    run_training(cfg)
+    grids = sorted((tmp_path / "run" / "samples").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-00000002.png", "step-00000004.png"]
+    from PIL import Image
+
+    assert Image.open(grids[0]).size == (3 * 224, 2 * 224)  # real decoded (top) and generated (bottom)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
+    assert any(r.get("overfit_gap") for r in rows)  # validation ran at steps 2 and 4

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,9 @@ from cytosyn.training.config import TrainConfig
 from cytosyn.training.module import LatentDiffusionModule, TrainingDataError, split_features
 
 log = logging.getLogger(__name__)
+# cytosyn checkpoints after the optimizer step on purpose (the state a resume continues from).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again": the launcher restarts the job, which resumes
 CHECKPOINT_DIR = "checkpoints"

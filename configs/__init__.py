@@ -1,0 +1,1 @@
+"""YAML presets, installed as ``cytosyn.configs`` so the demo and users can read them from any install."""

@@ -1,0 +1,973 @@
+"""The public inference pipeline: a trained cytosyn model as a :class:`~cytosyn.generation.TileGenerator`.
+
+:class:`CytoSynPipeline` holds everything needed to turn a conditioning embedding (or nothing) into H&E
+tiles: the SiT denoiser (EMA weights), the latent normalisation, the VAE, the sampler defaults and the
+identity of the conditioning encoder (loaded on demand for :meth:`~CytoSynPipeline.embed` /
+:meth:`~CytoSynPipeline.generate_from_tiles`).
+
+Two ways in, one model inside:
+
+- :meth:`CytoSynPipeline.from_checkpoint`: a training checkpoint (Lightning ``.ckpt`` file, a run folder,
+  or a DeepSpeed checkpoint folder, consolidated when DeepSpeed is importable);
+- :meth:`CytoSynPipeline.from_pretrained`: a release folder (``model.safetensors`` + ``config.json`` +
+  ``README.md`` + ``SHA256SUMS``, see :mod:`cytosyn.release`), every file checked against ``SHA256SUMS``
+  before anything is read.
+
+Both build the model from the same ``(config, state)`` pair (:func:`parts_from_checkpoint` makes it from a
+checkpoint; a release stores exactly that pair), so a release samples bit for bit like its checkpoint.
+
+Determinism: the starting noise of image ``i`` and, for the SDE sampler, every noise draw of its
+trajectory come from its own CPU generator seeded with ``(seed, i)``. The batch size, the device split
+and which other images share a batch do not change which numbers an image gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cytosyn.config import ConfigError, build_config
+from cytosyn.diffusion.flow import BatchNormLatentNorm, FixedLatentNorm, LatentNorm
+from cytosyn.fileio import atomic_write_bytes, atomic_write_text, sha256_file
+from cytosyn.models.sit import SiT, SiTConfig
+from cytosyn.sampling import samplers as _samplers
+from cytosyn.sampling.samplers import SamplerConfig, sample, sampler_preset
+
+log = logging.getLogger(__name__)
+
+RELEASE_FORMAT = "cytosyn.release/1"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+README_FILE = "README.md"
+SUMS_FILE = "SHA256SUMS"
+RELEASE_FILES = (MODEL_FILE, CONFIG_FILE, README_FILE)
+
+DEFAULT_MPP = 0.5  # DESIGN.md's default tile (224 px at 0.5 mpp); used only when a release does not know
+
+
+class PipelineError(ValueError):
+    """A pipeline that cannot be built or a request it cannot serve; the message says how to fix it."""
+
+
+class ReleaseIntegrityError(PipelineError):
+    """A release folder whose files are missing, altered or not listed in SHA256SUMS."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Seeds and per-image noise
+# --------------------------------------------------------------------------------------------------------
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The 63-bit seed of image ``index`` of a generation run with ``seed`` (stable across machines)."""
+    digest = hashlib.blake2b(f"cytosyn.sample:{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class RowGenerators:
+    """One CPU ``torch.Generator`` per batch row: ``randn`` of a ``(B, ...)`` shape draws row ``i`` from
+    generator ``i`` (on the CPU, then moved to the requested device), so a row's numbers do not depend on
+    the other rows of its batch nor on the device."""
+
+    def __init__(self, generators: Sequence[torch.Generator]):
+        self.generators = list(generators)
+
+    def randn(self, *size: Any, dtype: torch.dtype | None = None, device: Any = None, **_: Any) -> Tensor:
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        if not shape or shape[0] != len(self.generators):
+            raise ValueError(f"RowGenerators holds {len(self.generators)} generators, asked for shape {shape}")
+        rows = [torch.randn(shape[1:], generator=g, dtype=dtype or torch.float32) for g in self.generators]
+        return torch.stack(rows).to(device if device is not None else "cpu")
+
+
+class _TorchWithRowNoise:
+    """``torch`` as the sampler module sees it while a pipeline samples with the SDE: identical, except that
+    ``randn(..., generator=RowGenerators)`` draws per row. Every other call (and ``randn`` with a plain
+    generator) goes straight to torch, so concurrent users of the samplers are unaffected."""
+
+    def __init__(self, real: Any):
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def randn(self, *args: Any, generator: Any = None, **kwargs: Any) -> Tensor:
+        if isinstance(generator, RowGenerators):
+            return generator.randn(*args, **kwargs)
+        return self._real.randn(*args, generator=generator, **kwargs)
+
+
+_ROW_NOISE_LOCK = threading.Lock()
+_ROW_NOISE_USERS = 0
+
+
+@contextlib.contextmanager
+def _row_noise() -> Iterator[None]:
+    """Let :func:`cytosyn.sampling.sample` accept a :class:`RowGenerators` as its ``generator``.
+
+    ``sample`` draws the SDE noise of a whole batch from one generator, which would tie an image's
+    trajectory to its batch-mates. Until ``sample`` takes per-row generators itself (a one-line change to
+    cytosyn/sampling/samplers.py, see docs/sampling_release.md), the sampler module's ``torch`` is swapped
+    for a transparent proxy while a pipeline samples (reference-counted, thread-safe).
+    """
+    global _ROW_NOISE_USERS
+    with _ROW_NOISE_LOCK:
+        if _ROW_NOISE_USERS == 0:
+            _samplers.torch = _TorchWithRowNoise(torch)  # type: ignore[attr-defined]
+        _ROW_NOISE_USERS += 1
+    try:
+        yield
+    finally:
+        with _ROW_NOISE_LOCK:
+            _ROW_NOISE_USERS -= 1
+            if _ROW_NOISE_USERS == 0:
+                _samplers.torch = torch  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building blocks shared by checkpoints and releases
+# --------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"device {str(device)!r} asked for, but CUDA is not available")
+    return dev
+
+
+def resolve_sampler(
+    sampler: str | SamplerConfig | Mapping[str, Any] | None,
+    default: Mapping[str, Any],
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+) -> SamplerConfig:
+    """A validated :class:`SamplerConfig`: ``sampler`` (preset name, config, or mapping of fields; None →
+    ``default``) with ``steps`` / ``guidance_scale`` replaced when given. Invalid settings raise
+    :class:`~cytosyn.config.ConfigError` naming the key."""
+    if sampler is None:
+        base: dict[str, Any] = dict(default)
+    elif isinstance(sampler, str):
+        try:
+            base = sampler_preset(sampler).model_dump()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    elif isinstance(sampler, SamplerConfig):
+        base = sampler.model_dump()
+    else:
+        base = dict(sampler)
+    if steps is not None:
+        base["steps"] = steps
+    if guidance_scale is not None:
+        base["guidance_scale"] = guidance_scale
+    return build_config(SamplerConfig, base)
+
+
+def build_latent_norm(latent: Mapping[str, Any]) -> LatentNorm:
+    """The latent normalisation module a release config describes (its buffers come from the weights)."""
+    kind = latent.get("norm", "fixed")
+    channels = int(latent["channels"])
+    if kind == "fixed":
+        return FixedLatentNorm(torch.zeros(channels), torch.ones(channels))
+    if kind == "batchnorm":
+        return BatchNormLatentNorm(channels, eps=float(latent.get("eps", 1e-4)))
+    raise PipelineError(f"unknown latent normalisation {kind!r} (expected 'fixed' or 'batchnorm')")
+
+
+def _sha256_state(state: Mapping[str, Tensor]) -> str:
+    from cytosyn.models.encoders import sha256_state_dict
+
+    return sha256_state_dict(dict(state))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints → (config, state)
+# --------------------------------------------------------------------------------------------------------
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    """A DeepSpeed checkpoint folder (Lightning writes ``<name>.ckpt/`` holding ``checkpoint/*.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (
+        (path / "latest").is_file()
+        or (path / "checkpoint").is_dir()
+        or any(path.glob("*/mp_rank_*_model_states.pt"))
+    )
+
+
+def consolidate_deepspeed(folder: Path, output_file: Path) -> Path:
+    """Turn a DeepSpeed (ZeRO) checkpoint folder into one Lightning-style checkpoint file.
+
+    Uses Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``, which gathers the fp32 weights from
+    the partitioned optimizer states and keeps the client state (our ``cytosyn`` section). Untested in
+    cytosyn's CI (DeepSpeed needs a GPU); see docs/sampling_release.md.
+    """
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise PipelineError(
+            f"{folder} is a DeepSpeed checkpoint folder; consolidating it needs DeepSpeed, which is not "
+            f"installed here (pip install 'cytosyn[deepspeed]'). Alternatively run the zero_to_fp32.py "
+            f"script DeepSpeed saved next to the checkpoint and pass the resulting file."
+        ) from None
+    from cytosyn.compat import import_torchvision
+
+    import_torchvision()
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    convert_zero_checkpoint_to_fp32_state_dict(str(folder), str(output_file))
+    return output_file
+
+
+def find_checkpoint(path: Path) -> Path:
+    """``path`` itself (a ``.ckpt`` file or DeepSpeed folder), or the newest checkpoint of a run folder."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"checkpoint {path} does not exist")
+    if path.is_file() or is_deepspeed_checkpoint(path):
+        return path
+    for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+        if candidate.exists():
+            return candidate
+    steps = sorted((path / "checkpoints").glob("step-*.ckpt"), reverse=True)
+    if steps:
+        return steps[0]
+    raise PipelineError(
+        f"{path} is a folder without checkpoints (expected a .ckpt file, a run folder with "
+        f"checkpoints/last.ckpt, or a DeepSpeed checkpoint folder)"
+    )
+
+
+def load_training_checkpoint(path: Path, scratch: Path | None = None) -> tuple[dict[str, Any], Path]:
+    """Load a cytosyn training checkpoint (our own pickles: ``weights_only=False``) → (checkpoint, file).
+
+    A DeepSpeed folder is consolidated first, into ``scratch`` (a folder; a temporary one when None).
+    """
+    path = find_checkpoint(path)
+    if path.is_dir():
+        import tempfile
+
+        tmp = Path(scratch) if scratch is not None else Path(tempfile.mkdtemp(prefix="cytosyn-zero-"))
+        path = consolidate_deepspeed(path, tmp / "consolidated.ckpt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise PipelineError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "cytosyn" not in ckpt:
+        raise PipelineError(f"{path} is not a cytosyn training checkpoint (no 'state_dict' / 'cytosyn' section)")
+    return ckpt, path
+
+
+def _condition_output(condition: str, encoder: str) -> str:
+    """Which encoder output a conditioning member holds (``h0-mini`` → cls, ``h0-mini_mean_patch`` → ...)."""
+    base = re.sub(r"[^A-Za-z0-9_\-]", "_", encoder)
+    if condition == base:
+        return "cls"
+    if condition.startswith(base + "_"):
+        return condition[len(base) + 1 :]
+    return "cls"
+
+
+def conditioning_info(encoder: str | None, weights: str | None, width: int | None, condition: str) -> dict[str, Any]:
+    """What a release records about its conditioning encoder: id, weights, width, preprocessing, licence."""
+    if encoder is None:
+        return {}
+    info: dict[str, Any] = {
+        "encoder": encoder,
+        "weights": weights,
+        "embed_dim": width,
+        "member": f"{condition}.npy",
+        "output": _condition_output(condition, encoder),
+        "storage_dtype": "float16 (embeddings are rounded to fp16 as featurize stores them)",
+    }
+    try:
+        from cytosyn.models.encoders import get_spec
+
+        spec = get_spec(encoder)
+        info["preprocessing"] = {
+            "input_size": spec.input_size,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "resize": f"{spec.interpolation}, antialias, only when the tile is not {spec.input_size} px",
+            "input_range": "uint8 RGB / 255, then (x - mean) / std",
+        }
+        info |= {"timm_arch": spec.timm_arch, "hub_id": spec.hub_id, "gated": spec.gated, "licence": spec.licence}
+    except Exception as err:  # unknown to this version's registry: record what we know
+        info["preprocessing"] = None
+        info["registry_note"] = f"not in this cytosyn's encoder registry ({err})"
+    return info
+
+
+def sit_config_from_training(train_cfg: Mapping[str, Any], features: Mapping[str, Any]) -> dict[str, Any]:
+    """The SiT architecture a training run built (as LatentDiffusionModule does), without the REPA projector
+    (training-only) and with inference settings (no condition dropout, no activation checkpointing)."""
+    model = train_cfg.get("model", {})
+    args = {
+        "input_size": features["latent_size"],
+        "in_channels": features["latent_channels"],
+        "cond_dim": features["cond_dim"],
+    } | dict(model.get("overrides") or {})
+    args |= {"cond_dropout": 0.0, "repa_dim": None, "grad_checkpointing": False}
+    cfg = SiTConfig.from_preset(model.get("preset", "SiT-XL/2"), **args)
+    return cfg.model_dump(mode="json")
+
+
+def parts_from_checkpoint(
+    ckpt: Mapping[str, Any], weights: str = "ema"
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config, state)`` of a release from a loaded training checkpoint.
+
+    ``state`` holds ``model.*`` (the SiT, REPA projector dropped) and ``latent_norm.*`` (the normalisation
+    buffers), from the EMA copy (``weights="ema"``, what a release uses) or the live weights (``"raw"``).
+    ``config`` is the part of ``config.json`` that the model needs (sit, latent, conditioning, vae,
+    sampler, training); :mod:`cytosyn.release` adds the data summary and tile geometry.
+    """
+    meta = ckpt["cytosyn"]
+    train_cfg = meta["config"]
+    features = meta["features"]
+    src = ckpt["state_dict"]
+    prefix = {"ema": "ema.module.", "raw": "net."}.get(weights)
+    if prefix is None:
+        raise PipelineError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    if not any(k.startswith(prefix) for k in src):
+        raise PipelineError(f"the checkpoint has no {weights} weights (no '{prefix}*' keys)")
+    state: dict[str, Tensor] = {}
+    for key, value in src.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        name = name.replace("._orig_mod.", ".").replace("_orig_mod.", "")  # torch.compile wrappers
+        if name.startswith("model.projectors."):
+            continue  # the REPA projector only serves training
+        if not (name.startswith("model.") or name.startswith("latent_norm.")):
+            continue
+        state[name] = value.detach().to("cpu").contiguous().clone()
+    norm_kind = train_cfg.get("diffusion", {}).get("latent_norm", "fixed")
+    channels = int(features["latent_channels"])
+    latent: dict[str, Any] = {
+        "channels": channels,
+        "size": int(features["latent_size"]),
+        "norm": norm_kind,
+        "split_mean": features.get("latent_mean"),
+        "split_std": features.get("latent_std"),
+        "posterior_sampled": bool(train_cfg.get("diffusion", {}).get("sample_posterior", True)),
+    }
+    if norm_kind == "batchnorm":
+        latent["eps"] = 1e-4
+        mean = state["latent_norm.bn.running_mean"].float()
+        scale = torch.sqrt(state["latent_norm.bn.running_var"].float() + latent["eps"])
+    else:
+        mean, scale = state["latent_norm.mean"].float(), state["latent_norm.std"].float()
+    latent["shift"] = [float(v) for v in mean]
+    latent["scale"] = [float(v) for v in scale]
+    latent["rule"] = "denoiser space z = (vae_latent - shift) / scale; decode vae_latent = z * scale + shift"
+    condition = train_cfg.get("data", {}).get("condition", features.get("cond_model"))
+    vae = features.get("vae") or {}
+    config: dict[str, Any] = {
+        "format": RELEASE_FORMAT,
+        "_class_name": "CytoSynPipeline",
+        "name": Path(str(train_cfg.get("run_dir", "cytosyn"))).name or "cytosyn",
+        "sit": sit_config_from_training(train_cfg, features),
+        "latent": latent,
+        "conditioning": conditioning_info(
+            features.get("cond_model"), features.get("cond_weights"), features.get("cond_dim"), condition
+        ),
+        "vae": _vae_info(vae.get("model_id"), vae.get("weights")),
+        "sampler": {
+            "conditional": sampler_preset("cytosyn_default").model_dump(mode="json"),
+            "unconditional": sampler_preset("unconditional_default").model_dump(mode="json"),
+        },
+        "training": {
+            "steps": int(ckpt.get("global_step", 0)),
+            "images_seen": meta.get("images_seen"),
+            "micro_steps": meta.get("micro_step"),
+            "skipped_steps": meta.get("skipped_steps"),
+            "world_size": meta.get("world_size"),
+            "checkpoint_format": meta.get("format"),
+            "identity_hash": meta.get("identity_hash"),
+            "code_version": meta.get("code_version"),  # None for checkpoints that do not record it
+            "config": train_cfg,
+        },
+        "weights": {"file": MODEL_FILE, "source": weights, "dtype": "float32", "dropped": ["REPA projector"]},
+    }
+    return config, state
+
+
+def _vae_info(name: str | None, weights: str | None) -> dict[str, Any]:
+    info: dict[str, Any] = {"name": name, "weights": weights}
+    try:
+        from cytosyn.models.vae import get_vae_spec
+
+        spec = get_vae_spec(name or "")
+        info |= {
+            "hub_id": spec.hub_id,
+            "subfolder": spec.subfolder,
+            "downsample": spec.downsample,
+            "latent_channels": spec.latent_channels,
+            "licence": spec.licence,
+            "decode": "diffusers AutoencoderKL.decode of raw (unscaled) latents, clamped to [-1, 1]",
+        }
+    except Exception as err:
+        info["registry_note"] = f"not in this cytosyn's VAE registry ({err})"
+    return info
+
+
+# --------------------------------------------------------------------------------------------------------
+# Release folders: writing and verifying
+# --------------------------------------------------------------------------------------------------------
+
+
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+def write_release_files(folder: Path, config: Mapping[str, Any], state: Mapping[str, Tensor], readme: str) -> Path:
+    """Write ``model.safetensors``, ``config.json``, ``README.md`` and (last) ``SHA256SUMS`` into ``folder``."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(state.items())}
+    # One metadata entry only: safetensors writes metadata from a hash map, in no fixed order.
+    blob = save(tensors, metadata={"format": "pt"})
+    atomic_write_bytes(folder / MODEL_FILE, blob)
+    atomic_write_text(folder / CONFIG_FILE, _json_text(config))
+    atomic_write_text(folder / README_FILE, readme)
+    lines = [f"{sha256_file(folder / name)}  {name}" for name in sorted(RELEASE_FILES)]
+    atomic_write_text(folder / SUMS_FILE, "\n".join(lines) + "\n")
+    return folder
+
+
+def read_sums(folder: Path) -> dict[str, str]:
+    path = Path(folder) / SUMS_FILE
+    if not path.is_file():
+        raise ReleaseIntegrityError(
+            f"{folder} has no {SUMS_FILE}: not a complete cytosyn release folder (a release is written by "
+            f"`cytosyn release`; it lists the sha256 of every file)"
+        )
+    sums: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        match = re.fullmatch(r"([0-9a-f]{64}) [ *](.+)", line.strip())
+        if match is None:
+            raise ReleaseIntegrityError(f"{path}, line {number}: not '<sha256>  <file>': {line!r}")
+        name = match.group(2)
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise ReleaseIntegrityError(f"{path}, line {number}: file names must be plain names, got {name!r}")
+        sums[name] = match.group(1)
+    return sums
+
+
+def verify_release(folder: str | Path) -> dict[str, str]:
+    """Check every file of a release folder against ``SHA256SUMS``; returns ``{file: sha256}``.
+
+    Refuses (:class:`ReleaseIntegrityError`) a folder without ``SHA256SUMS``, a listed file that is
+    missing or whose hash differs, and a required file (model.safetensors, config.json, README.md) that is
+    not listed. Files present but not listed are ignored (with a warning): they are not part of the release.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ReleaseIntegrityError(f"release folder {folder} does not exist")
+    sums = read_sums(folder)
+    unlisted = [n for n in RELEASE_FILES if n not in sums]
+    if unlisted:
+        raise ReleaseIntegrityError(f"{folder}/{SUMS_FILE} does not list {', '.join(unlisted)}: incomplete release")
+    missing = [n for n in sums if not (folder / n).is_file()]
+    if missing:
+        raise ReleaseIntegrityError(
+            f"release {folder} is missing {', '.join(missing)} (listed in {SUMS_FILE}); download the folder again"
+        )
+    altered = [n for n, digest in sums.items() if sha256_file(folder / n) != digest]
+    if altered:
+        raise ReleaseIntegrityError(
+            f"release {folder}: {', '.join(altered)} does not match its sha256 in {SUMS_FILE} (altered or "
+            f"corrupted download); refusing to load it"
+        )
+    extra = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in sums and p.name != SUMS_FILE)
+    if extra:
+        log.warning("release %s: files not listed in %s are ignored: %s", folder, SUMS_FILE, ", ".join(extra))
+    return sums
+
+
+# --------------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------------
+
+
+class CytoSynPipeline:
+    """A trained cytosyn model as a :class:`~cytosyn.generation.TileGenerator`.
+
+    Attributes: ``model`` (SiT, eval mode, fp32 weights), ``latent_norm``, ``config`` (the release's
+    config.json content), ``device``, ``dtype`` ("auto": bf16 autocast on CUDA, fp32 on CPU; "fp32";
+    "bf16"). The VAE and the conditioning encoder are loaded on first use (``vae_weights`` /
+    ``encoder_weights``: local paths; random-initialised models of the tests are rebuilt from their seed).
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        state: Mapping[str, Tensor],
+        *,
+        device: str | torch.device | None = "auto",
+        dtype: str = "auto",
+        vae: Any | None = None,
+        vae_weights: str | Path | None = None,
+        encoder: Any | None = None,
+        encoder_weights: str | Path | None = None,
+        model_card: str | None = None,
+        source: str | None = None,
+    ):
+        if config.get("format") != RELEASE_FORMAT:
+            raise PipelineError(f"config format {config.get('format')!r} is not {RELEASE_FORMAT!r}")
+        if dtype not in ("auto", "fp32", "bf16"):
+            raise PipelineError(f"dtype must be 'auto', 'fp32' or 'bf16', got {dtype!r}")
+        self.config: dict[str, Any] = json.loads(json.dumps(config))
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.source = source
+        self.model_card = model_card
+        sit_cfg = SiTConfig.model_validate(self.config["sit"])
+        with torch.device("meta"):
+            model = SiT(sit_cfg)
+        norm = build_latent_norm(self.config["latent"])
+        # Fresh, allocator-aligned copies: safetensors hands out views into one buffer at 8-byte offsets, and
+        # CPU kernels take other code paths (another summation order) on differently aligned data, which
+        # would break the bitwise equality of a release with its checkpoint.
+        state = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in state.items()}
+        model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        norm_state = {k[len("latent_norm.") :]: v for k, v in state.items() if k.startswith("latent_norm.")}
+        other = [k for k in state if not k.startswith(("model.", "latent_norm."))]
+        if other:
+            raise PipelineError(f"unexpected weights (neither model.* nor latent_norm.*): {other[:5]}")
+        try:
+            model.load_state_dict(model_state, strict=True, assign=True)
+            norm.load_state_dict(norm_state, strict=True)
+        except RuntimeError as err:
+            raise PipelineError(f"the weights do not fit the architecture in config.json: {err}") from None
+        self.model: SiT = model.eval().requires_grad_(False).to(self.device)
+        self.latent_norm: LatentNorm = norm.eval().requires_grad_(False).to(self.device)
+        self._state_sha: str | None = None
+        self._vae = vae
+        self._vae_weights = vae_weights
+        self._encoder = encoder
+        self._encoder_weights = encoder_weights
+
+    # ---- constructors ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        vae_weights: str | Path | None = None,
+        device: str | torch.device | None = "auto",
+        *,
+        dtype: str = "auto",
+        encoder_weights: str | Path | None = None,
+        weights: str = "ema",
+    ) -> CytoSynPipeline:
+        """From a training checkpoint (``.ckpt``, run folder, or DeepSpeed folder), with its EMA weights."""
+        ckpt, file = load_training_checkpoint(Path(path))
+        config, state = parts_from_checkpoint(ckpt, weights=weights)
+        del ckpt
+        return cls(
+            config,
+            state,
+            device=device,
+            dtype=dtype,
+            vae_weights=vae_weights,
+            encoder_weights=encoder_weights,
+            source=str(file),
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        *,
+        device: str | torch.device | None = "auto",
+        dtype: str = "auto",
+        vae_weights: str | Path | None = None,
+        encoder_weights: str | Path | None = None,
+    ) -> CytoSynPipeline:
+        """From a release folder; every file is verified against ``SHA256SUMS`` before it is read."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        verify_release(folder)
+        try:
+            config = json.loads((folder / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as err:
+            raise PipelineError(f"{folder / CONFIG_FILE} is not valid JSON: {err}") from None
+        if config.get("format") != RELEASE_FORMAT:
+            raise PipelineError(
+                f"{folder / CONFIG_FILE} has format {config.get('format')!r}; this cytosyn reads {RELEASE_FORMAT!r}"
+            )
+        state = load_file(str(folder / MODEL_FILE))
+        return cls(
+            config,
+            state,
+            device=device,
+            dtype=dtype,
+            vae_weights=vae_weights,
+            encoder_weights=encoder_weights,
+            model_card=(folder / README_FILE).read_text(),
+            source=str(folder),
+        )
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The release weights: ``model.*`` and ``latent_norm.*`` (on the CPU)."""
+        out = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
+        out |= {f"latent_norm.{k}": v.detach().cpu() for k, v in self.latent_norm.state_dict().items()}
+        return out
+
+    def save_pretrained(self, folder: str | Path, model_card: str | None = None) -> Path:
+        """Write this pipeline as a release folder (model.safetensors, config.json, README.md, SHA256SUMS)."""
+        card = model_card or self.model_card
+        if card is None:
+            from cytosyn.release import render_model_card
+
+            card = render_model_card(self.config)
+        return write_release_files(Path(folder), self.config, self.state_dict(), card)
+
+    # ---- identity ------------------------------------------------------------------------------------
+
+    @property
+    def weights_sha256(self) -> str:
+        """Content hash of the weights (format independent: the same for a checkpoint and its release)."""
+        if self._state_sha is None:
+            self._state_sha = _sha256_state(self.state_dict())
+        return self._state_sha
+
+    @property
+    def name(self) -> str:
+        return f"cytosyn:{self.config.get('name', 'model')}@{self.weights_sha256[:12]}"
+
+    @property
+    def conditioning_encoder(self) -> str | None:
+        return (self.config.get("conditioning") or {}).get("encoder")
+
+    @property
+    def cond_dim(self) -> int | None:
+        return self.model.cfg.cond_dim
+
+    @property
+    def tile_px(self) -> int:
+        tile = self.config.get("tile") or {}
+        if tile.get("px"):
+            return int(tile["px"])
+        return int(self.config["latent"]["size"]) * int(self.config.get("vae", {}).get("downsample") or 8)
+
+    @property
+    def mpp(self) -> float:
+        mpp = (self.config.get("tile") or {}).get("mpp")
+        return float(mpp) if mpp is not None else DEFAULT_MPP
+
+    def describe(self) -> dict[str, Any]:
+        tile = self.config.get("tile") or {}
+        return {
+            "name": self.name,
+            "kind": "cytosyn",
+            "source": self.source,
+            "weights_sha256": self.weights_sha256,
+            "sit": {k: self.config["sit"].get(k) for k in ("preset", "depth", "hidden_size", "patch_size")},
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "conditioning": self.config.get("conditioning"),
+            "vae": self.config.get("vae"),
+            "sampler_defaults": self.config.get("sampler"),
+            "tile_px": self.tile_px,
+            "mpp": self.mpp,
+            "mpp_source": tile.get("source") if tile.get("mpp") is not None else f"default {DEFAULT_MPP} (unknown)",
+            "device": str(self.device),
+            "precision": self._precision_name(),
+            "training": {k: (self.config.get("training") or {}).get(k) for k in ("steps", "images_seen")},
+        }
+
+    # ---- components loaded on demand -----------------------------------------------------------------
+
+    @property
+    def vae(self):
+        """The VAE (``cytosyn.models.vae.LatentVAE``), loaded on first use and checked against config.json."""
+        if self._vae is None:
+            from cytosyn.models.vae import VAEError, load_vae
+
+            info = self.config.get("vae") or {}
+            name, recorded = info.get("name"), info.get("weights") or ""
+            random = re.fullmatch(r"random-init:seed=(\d+)", recorded)
+            try:
+                if random and self._vae_weights is None:
+                    log.warning("VAE %s is RANDOM-initialised (as recorded): images are for testing only", name)
+                    vae = load_vae(name, random_init=True, seed=int(random.group(1)))
+                else:
+                    vae = load_vae(name, self._vae_weights)
+            except VAEError as err:
+                raise PipelineError(f"cannot load the model's VAE: {err}") from None
+            if recorded and vae.weights_id != recorded:
+                raise PipelineError(
+                    f"VAE weights {vae.weights_id} differ from the ones this model was trained with ({recorded}); "
+                    f"pass the right vae_weights (a diffusers folder of {info.get('hub_id') or name})"
+                )
+            self._vae = vae.to(self.device)
+        return self._vae
+
+    @property
+    def encoder(self):
+        """The conditioning encoder (``cytosyn.models.encoders.TileEncoder``), loaded on first use."""
+        if self._encoder is None:
+            from cytosyn.models.encoders import EncoderError, load_encoder
+
+            info = self.config.get("conditioning") or {}
+            name, recorded = info.get("encoder"), info.get("weights") or ""
+            if name is None:
+                raise PipelineError("this model is unconditional: it has no conditioning encoder")
+            random = re.fullmatch(r"random-init:seed=(\d+)", recorded)
+            try:
+                if random and self._encoder_weights is None:
+                    log.warning("encoder %s is RANDOM-initialised (as recorded): for testing only", name)
+                    enc = load_encoder(name, random_init=True, seed=int(random.group(1)))
+                else:
+                    enc = load_encoder(name, self._encoder_weights)
+            except EncoderError as err:
+                raise PipelineError(f"cannot load the conditioning encoder: {err}") from None
+            if recorded and enc.weights_id != recorded:
+                raise PipelineError(
+                    f"encoder {name} weights {enc.weights_id} differ from the ones the training data was "
+                    f"embedded with ({recorded}); pass the right encoder_weights"
+                )
+            self._encoder = enc.to(self.device)
+        return self._encoder
+
+    # ---- inference -----------------------------------------------------------------------------------
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.dtype == "fp32":
+            return None
+        if self.dtype == "bf16" or self.device.type == "cuda":
+            return torch.bfloat16
+        return None
+
+    def _precision_name(self) -> str:
+        dt = self._autocast_dtype()
+        return "fp32" if dt is None else "bf16 autocast (fp32 weights)"
+
+    def _autocast(self):
+        dt = self._autocast_dtype()
+        if dt is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dt)
+
+    def velocity(self, x_t: Tensor, t: Tensor, cond: Tensor | None, uncond_mask: Tensor) -> Tensor:
+        """The velocity function the samplers call (see :class:`cytosyn.sampling.VelocityFn`)."""
+        with self._autocast():
+            v = self.model(x_t, t, cond, uncond_mask=uncond_mask)
+        return v.float()
+
+    def check_embeddings(self, embeddings: Tensor | np.ndarray) -> Tensor:
+        """``(N, cond_dim)`` float32 embeddings on the pipeline's device, or a clear error."""
+        width = self.cond_dim
+        enc = self.conditioning_encoder
+        if width is None:
+            raise PipelineError("this model is unconditional: pass embeddings=None and num_images")
+        emb = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, Tensor) else embeddings)
+        if emb.ndim == 1:
+            emb = emb[None]
+        if emb.ndim != 2 or emb.shape[1] != width:
+            raise PipelineError(
+                f"embeddings have shape {tuple(emb.shape)}, but this model is conditioned on {enc!r} embeddings "
+                f"of width {width} (shape (N, {width})): embed the reference tiles with {enc!r} "
+                f"(pipeline.embed / generate_from_tiles) or use a model trained on your encoder"
+            )
+        if not emb.is_floating_point():
+            raise PipelineError(f"embeddings must be floating point, got {emb.dtype}")
+        if not bool(torch.isfinite(emb).all()):
+            raise PipelineError("embeddings contain NaN or infinite values")
+        return emb.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        embeddings: Tensor | None,
+        indices: Sequence[int],
+        cfg: SamplerConfig,
+        seed: int,
+    ) -> Tensor:
+        """Normalised latents (float32) for one batch: row ``r`` is image ``indices[r]`` of the run."""
+        shape = (self.model.cfg.in_channels, self.model.cfg.input_size, self.model.cfg.input_size)
+        gens = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)
+        if cfg.method == "euler_maruyama":
+            with _row_noise():
+                return sample(self.velocity, noise, embeddings, cfg, generator=RowGenerators(gens))  # type: ignore[arg-type]
+        return sample(self.velocity, noise, embeddings, cfg)  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> np.ndarray:
+        """Normalised latents → uint8 tiles ``(N, H, W, 3)`` (VAE in fp32)."""
+        raw = self.latent_norm.denormalize(latents.float().to(self.device))
+        images = self.vae.decode(raw)
+        u8 = ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return u8.permute(0, 2, 3, 1).cpu().numpy()
+
+    def resolve_sampler(
+        self,
+        sampler: str | SamplerConfig | Mapping[str, Any] | None,
+        conditional: bool,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> SamplerConfig:
+        """The sampler a call will use: ``sampler`` or the model's default for the mode, with overrides."""
+        defaults = self.config.get("sampler") or {}
+        key = "conditional" if conditional else "unconditional"
+        default = defaults.get(key) or sampler_preset(
+            "cytosyn_default" if conditional else "unconditional_default"
+        ).model_dump()
+        return resolve_sampler(sampler, default, steps=steps, guidance_scale=guidance_scale)
+
+    def generate(
+        self,
+        embeddings: Tensor | np.ndarray | None,
+        *,
+        num_images: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | SamplerConfig | Mapping[str, Any] | None = None,
+        seed: int = 0,
+        batch_size: int = 16,
+        index_offset: int = 0,
+        output: str = "uint8",
+        progress: Any = None,
+    ) -> np.ndarray | Tensor:
+        """Generate tiles: uint8 ``(N, tile_px, tile_px, 3)``.
+
+        - ``embeddings`` ``(N, cond_dim)``: one tile per row (a single row with ``num_images=k`` gives k
+          variations of it); None: ``num_images`` unconditional tiles (null condition, no guidance).
+        - ``sampler``: a preset name (``"fast_heun_30"``), a :class:`SamplerConfig` or a mapping; None: the
+          model's default for the mode (config.json ``sampler``). ``steps`` / ``guidance_scale`` replace
+          those fields (validated: a negative scale is an error naming ``guidance_scale``).
+        - Image ``i`` (0-based, plus ``index_offset``) draws all its noise from a generator seeded by
+          ``(seed, index_offset + i)``: results do not depend on ``batch_size``, and a run split in pieces
+          (``index_offset``) gives the same images as one call.
+        - ``output="latent"`` returns the normalised latents (float32 tensor) instead of decoding.
+        - ``progress``: an object with ``update(n)`` (e.g. a tqdm bar), called after each batch.
+        """
+        if batch_size < 1:
+            raise PipelineError(f"batch_size must be >= 1, got {batch_size}")
+        if output not in ("uint8", "latent"):
+            raise PipelineError(f"output must be 'uint8' or 'latent', got {output!r}")
+        if embeddings is None:
+            if num_images is None or num_images < 1:
+                raise PipelineError("unconditional generation needs num_images >= 1 (embeddings is None)")
+            cond: Tensor | None = None
+            n = int(num_images)
+        else:
+            cond = self.check_embeddings(embeddings)
+            if num_images is not None and num_images != cond.shape[0]:
+                if cond.shape[0] != 1:
+                    raise PipelineError(
+                        f"num_images={num_images} but {cond.shape[0]} embeddings were given (one image per row; "
+                        f"pass a single row to get several variations of it)"
+                    )
+                cond = cond.expand(int(num_images), -1)
+            n = cond.shape[0]
+        cfg = self.resolve_sampler(sampler, cond is not None, steps=steps, guidance_scale=guidance_scale)
+        outs: list[Any] = []
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            rows = list(range(index_offset + start, index_offset + stop))
+            latents = self.sample_latents(None if cond is None else cond[start:stop], rows, cfg, seed)
+            outs.append(latents.cpu() if output == "latent" else self.decode(latents))
+            if progress is not None:
+                progress.update(stop - start)
+        if output == "latent":
+            return torch.cat(outs)
+        return np.concatenate(outs)
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray | Tensor, batch_size: int = 64) -> Tensor:
+        """Conditioning embeddings of uint8 tiles ``(N, H, W, 3)`` with the model's encoder, rounded to fp16
+        as the training data was stored; float32 on the CPU, ``(N, cond_dim)``."""
+        enc = self.encoder
+        output = (self.config.get("conditioning") or {}).get("output", "cls")
+        if output not in ("cls", "mean_patch"):
+            raise PipelineError(f"conditioning output {output!r} is not a vector; cannot embed for it")
+        arr = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4 or arr.dtype != torch.uint8:
+            raise PipelineError(f"expected uint8 tiles (N, H, W, 3), got {tuple(arr.shape)} {arr.dtype}")
+        outs = []
+        for start in range(0, arr.shape[0], batch_size):
+            batch = arr[start : start + batch_size].to(self.device)
+            with self._autocast():
+                value = enc(batch, (output,))[output]
+            outs.append(value.float().half().float().cpu())
+        emb = torch.cat(outs)
+        if self.cond_dim is not None and emb.shape[1] != self.cond_dim:
+            raise PipelineError(
+                f"encoder {enc.spec.name!r} gives width {emb.shape[1]}, the model expects {self.cond_dim}"
+            )
+        return emb
+
+    def generate_from_tiles(self, reference_tiles: np.ndarray | Tensor, **kwargs: Any) -> np.ndarray | Tensor:
+        """"More like this": embed ``reference_tiles`` with the conditioning encoder, then :meth:`generate`."""
+        return self.generate(self.embed(reference_tiles), **kwargs)
+
+    def null_embedding(self) -> Tensor:
+        """The learned null condition (what unconditional sampling and CFG's second branch use)."""
+        if self.model.cond_embedder is None:
+            raise PipelineError("this model has no condition embedder")
+        return self.model.cond_embedder.null_embedding.detach().float().cpu().clone()
+
+    def __repr__(self) -> str:
+        return (
+            f"CytoSynPipeline({self.name}, {self.config['sit'].get('preset')}, "
+            f"encoder={self.conditioning_encoder}, tile={self.tile_px}px@{self.mpp}mpp, device={self.device})"
+        )
+
+
+def is_release_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / SUMS_FILE).is_file()
+
+
+def load_pipeline(path: str | Path, **kwargs: Any) -> CytoSynPipeline:
+    """A release folder (verified) or a training checkpoint, whichever ``path`` is."""
+    if is_release_folder(path):
+        return CytoSynPipeline.from_pretrained(path, **kwargs)
+    vae_weights = kwargs.pop("vae_weights", None)
+    device = kwargs.pop("device", "auto")
+    return CytoSynPipeline.from_checkpoint(path, vae_weights, device, **kwargs)
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "MODEL_FILE",
+    "README_FILE",
+    "RELEASE_FORMAT",
+    "SUMS_FILE",
+    "CytoSynPipeline",
+    "PipelineError",
+    "ReleaseIntegrityError",
+    "RowGenerators",
+    "image_seed",
+    "is_release_folder",
+    "load_pipeline",
+    "load_training_checkpoint",
+    "parts_from_checkpoint",
+    "verify_release",
+    "write_release_files",
+]
