@@ -123,3 +123,12 @@ def test_training_presets_validate():
             assert cfg.optim.global_batch == cfg.images_per_step
     xl = load_config(TrainConfig, root / "train_sit_xl2.yaml")
     assert (xl.model.preset, xl.optim.lr, xl.ema.decay, xl.repa.weight, xl.images_per_step) == ("SiT-XL/2", 1e-4, 0.9999, 0.5, 256)
+
+
+def test_featurize_example_config_validates():
+    from pathlib import Path
+
+    from cytosyn.data_prep.featurize_config import FeaturizeConfig
+
+    cfg = load_config(FeaturizeConfig, Path(__file__).resolve().parent.parent / "configs" / "featurize.yaml")
+    assert cfg.encoders[0].outputs == ["cls", "patch"] and cfg.vae.name == "sd-vae-ft-ema"
