@@ -44,11 +44,11 @@ H0_MINI = [{"name": "h0-mini", "random_init": True, "outputs": ["cls", "patch"]}
 
 
 def _cfg(split: Path, out: Path, **extra) -> FeaturizeConfig:
-    """A small run: DINOv2-S (fast on CPU) unless a test asks for another encoder."""
+    """A small run: ViT-Tiny (fast on CPU) unless a test asks for another encoder."""
     data = {
         "input": str(split),
         "output": str(out),
-        "encoders": [{"name": "dinov2-vits14", "random_init": True, "outputs": ["cls", "patch"]}],
+        "encoders": [{"name": "vit-tiny16", "random_init": True, "outputs": ["cls", "patch"]}],
         "vae": {"name": "tiny-f8", "random_init": True},
         "batch_size": 5,
         "decode_check": 4,
@@ -163,12 +163,12 @@ def test_local_weights_are_hashed_and_nan_weights_are_refused(split, tmp_path):
 
     from cytosyn.models.encoders import load_encoder
 
-    enc = load_encoder("dinov2-vits14", random_init=True, seed=3)
+    enc = load_encoder("vit-tiny16", random_init=True, seed=3)
     state = {k: v.contiguous() for k, v in enc.model.state_dict().items()}
     save_file(state, tmp_path / "model.safetensors")
     out = tmp_path / "local"
     cfg = _cfg(
-        split, out, encoders=[{"name": "dinov2-vits14", "weights": str(tmp_path)}], vae=None, decode_check=0
+        split, out, encoders=[{"name": "vit-tiny16", "weights": str(tmp_path)}], vae=None, decode_check=0
     )
     run_featurize(cfg)
     (feature,) = read_manifest(out).features
@@ -181,7 +181,7 @@ def test_local_weights_are_hashed_and_nan_weights_are_refused(split, tmp_path):
     cfg = _cfg(
         split,
         tmp_path / "nan_out",
-        encoders=[{"name": "dinov2-vits14", "weights": str(tmp_path / "nan")}],
+        encoders=[{"name": "vit-tiny16", "weights": str(tmp_path / "nan")}],
         vae=None,
     )
     with pytest.raises(FeaturizeError, match="non-finite"):
@@ -207,7 +207,7 @@ from cytosyn.config import build_config
 from cytosyn.data_prep.featurize import run_featurize
 from cytosyn.data_prep.featurize_config import FeaturizeConfig
 cfg = build_config(FeaturizeConfig, {"input": sys.argv[1], "output": sys.argv[2], "batch_size": 1,
-    "encoders": [{"name": "dinov2-vits14", "random_init": True}], "vae": {"name": "tiny-f8", "random_init": True},
+    "encoders": [{"name": "vit-tiny16", "random_init": True}], "vae": {"name": "tiny-f8", "random_init": True},
     "decode_check": 0, "progress": False})
 run_featurize(cfg)
 """
@@ -216,7 +216,7 @@ run_featurize(cfg)
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_output(split, tmp_path):
     reference = tmp_path / "reference"
-    args = {"encoders": [{"name": "dinov2-vits14", "random_init": True}], "batch_size": 1, "decode_check": 0}
+    args = {"encoders": [{"name": "vit-tiny16", "random_init": True}], "batch_size": 1, "decode_check": 0}
     run_featurize(_cfg(split, reference, **args))
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", _KILL, str(split), str(out)])

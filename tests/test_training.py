@@ -36,6 +36,7 @@ def _initial_validation(cfg: TrainConfig) -> dict[str, float]:
     return module.validation_losses()
 
 
+@pytest.mark.slow
 def test_learning_lowers_the_held_out_velocity_loss(features, tmp_path):
     # A random-initialised VAE's posterior is mostly noise (σ ≫ spread of the means): train on the means,
     # which carry the tiles' structure, so that there is something to learn.
