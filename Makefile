@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
+# NumPy's threaded BLAS slows small SVDs ~100x on a busy 2-core machine; torch keeps its own threads.
+export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: install demo test test-slow lint bench clean
 

@@ -102,6 +102,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_REQUEUE if result.status == "preempted" else EXIT_OK
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from cytosyn.eval.run import EvalConfig, run_eval
+
+    overrides = list(args.overrides)
+    if args.output is not None:
+        overrides.append(f"output={args.output}")
+    cfg = load_config(EvalConfig, args.config, overrides)
+    out = run_eval(cfg)
+    print(f"eval report: {out / 'report.md'}")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cytosyn.demo import run_demo
 
@@ -142,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="resume even if the config differs from the run's"
     )
     train.set_defaults(func=_cmd_train)
+
+    ev = verbs.add_parser("eval", help="evaluate a generator (overfitting, domain or sweep study) → report folder")
+    _add_config_args(ev)
+    ev.add_argument("--output", type=Path, help="report folder (shorthand for output=...)")
+    ev.set_defaults(func=_cmd_eval)
 
     from cytosyn.launch.launch import add_launch_arguments, cmd_launch, cmd_status
 
