@@ -102,6 +102,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_REQUEUE if result.status == "preempted" else EXIT_OK
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from cytosyn.pipeline import PipelineError
+    from cytosyn.sample import SampleConfig, SampleError, run_sample
+
+    overrides = list(args.overrides)
+    for flag in ("model", "split", "output", "part"):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{flag}={getattr(args, flag)}")
+    cfg = load_config(SampleConfig, args.config, overrides)
+    try:
+        summary = run_sample(cfg)
+    except (SampleError, PipelineError) as err:
+        print(f"cytosyn sample: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    print(summary.report())
+    return EXIT_OK
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from cytosyn.pipeline import PipelineError
+    from cytosyn.release import ReleaseConfig, run_release_config
+
+    overrides = list(args.overrides)
+    for flag in ("checkpoint", "output", "eval_report"):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{flag}={getattr(args, flag)}")
+    if args.overwrite:
+        overrides.append("overwrite=true")
+    cfg = load_config(ReleaseConfig, args.config, overrides)
+    try:
+        summary = run_release_config(cfg)
+    except PipelineError as err:
+        print(f"cytosyn release: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    print(summary.report())
+    return EXIT_OK
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from cytosyn.eval.run import EvalConfig, run_eval
 
@@ -154,6 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="resume even if the config differs from the run's"
     )
     train.set_defaults(func=_cmd_train)
+
+    sample = verbs.add_parser("sample", help="generate a synthetic tile dataset from a checkpoint or release")
+    _add_config_args(sample)
+    sample.add_argument("--model", type=Path, help="release folder or training checkpoint / run folder (model=...)")
+    sample.add_argument("--split", type=Path, help="featurized split whose embeddings condition the tiles (split=...)")
+    sample.add_argument("--output", type=Path, help="output folder (output=...)")
+    sample.add_argument("--part", help="i/N: output shards i, i+N, ... (one process per GPU)")
+    sample.set_defaults(func=_cmd_sample)
+
+    release = verbs.add_parser("release", help="training checkpoint → release folder (safetensors, config, card, SHA256SUMS)")
+    _add_config_args(release)
+    release.add_argument("--checkpoint", type=Path, help=".ckpt file, run folder or DeepSpeed folder (checkpoint=...)")
+    release.add_argument("--output", type=Path, help="release folder (output=...)")
+    release.add_argument("--eval-report", dest="eval_report", type=Path, help="eval report folder or metrics.json")
+    release.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    release.set_defaults(func=_cmd_release)
 
     ev = verbs.add_parser("eval", help="evaluate a generator (overfitting, domain or sweep study) → report folder")
     _add_config_args(ev)

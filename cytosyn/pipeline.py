@@ -28,8 +28,7 @@ import hashlib
 import json
 import logging
 import re
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,6 @@ from cytosyn.config import ConfigError, build_config
 from cytosyn.diffusion.flow import BatchNormLatentNorm, FixedLatentNorm, LatentNorm
 from cytosyn.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from cytosyn.models.sit import SiT, SiTConfig
-from cytosyn.sampling import samplers as _samplers
 from cytosyn.sampling.samplers import SamplerConfig, sample, sampler_preset
 
 log = logging.getLogger(__name__)
@@ -75,64 +73,6 @@ def image_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-class RowGenerators:
-    """One CPU ``torch.Generator`` per batch row: ``randn`` of a ``(B, ...)`` shape draws row ``i`` from
-    generator ``i`` (on the CPU, then moved to the requested device), so a row's numbers do not depend on
-    the other rows of its batch nor on the device."""
-
-    def __init__(self, generators: Sequence[torch.Generator]):
-        self.generators = list(generators)
-
-    def randn(self, *size: Any, dtype: torch.dtype | None = None, device: Any = None, **_: Any) -> Tensor:
-        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
-        if not shape or shape[0] != len(self.generators):
-            raise ValueError(f"RowGenerators holds {len(self.generators)} generators, asked for shape {shape}")
-        rows = [torch.randn(shape[1:], generator=g, dtype=dtype or torch.float32) for g in self.generators]
-        return torch.stack(rows).to(device if device is not None else "cpu")
-
-
-class _TorchWithRowNoise:
-    """``torch`` as the sampler module sees it while a pipeline samples with the SDE: identical, except that
-    ``randn(..., generator=RowGenerators)`` draws per row. Every other call (and ``randn`` with a plain
-    generator) goes straight to torch, so concurrent users of the samplers are unaffected."""
-
-    def __init__(self, real: Any):
-        self._real = real
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def randn(self, *args: Any, generator: Any = None, **kwargs: Any) -> Tensor:
-        if isinstance(generator, RowGenerators):
-            return generator.randn(*args, **kwargs)
-        return self._real.randn(*args, generator=generator, **kwargs)
-
-
-_ROW_NOISE_LOCK = threading.Lock()
-_ROW_NOISE_USERS = 0
-
-
-@contextlib.contextmanager
-def _row_noise() -> Iterator[None]:
-    """Let :func:`cytosyn.sampling.sample` accept a :class:`RowGenerators` as its ``generator``.
-
-    ``sample`` draws the SDE noise of a whole batch from one generator, which would tie an image's
-    trajectory to its batch-mates. Until ``sample`` takes per-row generators itself (a one-line change to
-    cytosyn/sampling/samplers.py, see docs/sampling_release.md), the sampler module's ``torch`` is swapped
-    for a transparent proxy while a pipeline samples (reference-counted, thread-safe).
-    """
-    global _ROW_NOISE_USERS
-    with _ROW_NOISE_LOCK:
-        if _ROW_NOISE_USERS == 0:
-            _samplers.torch = _TorchWithRowNoise(torch)  # type: ignore[attr-defined]
-        _ROW_NOISE_USERS += 1
-    try:
-        yield
-    finally:
-        with _ROW_NOISE_LOCK:
-            _ROW_NOISE_USERS -= 1
-            if _ROW_NOISE_USERS == 0:
-                _samplers.torch = torch  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -253,23 +193,33 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def load_training_checkpoint(path: Path, scratch: Path | None = None) -> tuple[dict[str, Any], Path]:
-    """Load a cytosyn training checkpoint (our own pickles: ``weights_only=False``) → (checkpoint, file).
+    """Load a cytosyn training checkpoint (our own pickles: ``weights_only=False``) → (checkpoint, path).
 
-    A DeepSpeed folder is consolidated first, into ``scratch`` (a folder; a temporary one when None).
+    A DeepSpeed folder is consolidated first into a temporary file (under ``scratch`` when given), which
+    is deleted once loaded; the returned path is then the folder.
     """
+    import tempfile
+
     path = find_checkpoint(path)
     if path.is_dir():
-        import tempfile
+        if scratch is not None:
+            Path(scratch).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="cytosyn-zero-", dir=scratch) as tmp:
+            file = consolidate_deepspeed(path, Path(tmp) / "consolidated.ckpt")
+            return _load_checkpoint_file(file), path
+    return _load_checkpoint_file(path), path
 
-        tmp = Path(scratch) if scratch is not None else Path(tempfile.mkdtemp(prefix="cytosyn-zero-"))
-        path = consolidate_deepspeed(path, tmp / "consolidated.ckpt")
+
+def _load_checkpoint_file(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise PipelineError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "cytosyn" not in ckpt:
-        raise PipelineError(f"{path} is not a cytosyn training checkpoint (no 'state_dict' / 'cytosyn' section)")
-    return ckpt, path
+        raise PipelineError(
+            f"{path} is not a cytosyn training checkpoint (no 'state_dict' / 'cytosyn' section)"
+        )
+    return ckpt
 
 
 def _condition_output(condition: str, encoder: str) -> str:
@@ -282,7 +232,9 @@ def _condition_output(condition: str, encoder: str) -> str:
     return "cls"
 
 
-def conditioning_info(encoder: str | None, weights: str | None, width: int | None, condition: str) -> dict[str, Any]:
+def conditioning_info(
+    encoder: str | None, weights: str | None, width: int | None, condition: str
+) -> dict[str, Any]:
     """What a release records about its conditioning encoder: id, weights, width, preprocessing, licence."""
     if encoder is None:
         return {}
@@ -305,7 +257,12 @@ def conditioning_info(encoder: str | None, weights: str | None, width: int | Non
             "resize": f"{spec.interpolation}, antialias, only when the tile is not {spec.input_size} px",
             "input_range": "uint8 RGB / 255, then (x - mean) / std",
         }
-        info |= {"timm_arch": spec.timm_arch, "hub_id": spec.hub_id, "gated": spec.gated, "licence": spec.licence}
+        info |= {
+            "timm_arch": spec.timm_arch,
+            "hub_id": spec.hub_id,
+            "gated": spec.gated,
+            "licence": spec.licence,
+        }
     except Exception as err:  # unknown to this version's registry: record what we know
         info["preprocessing"] = None
         info["registry_note"] = f"not in this cytosyn's encoder registry ({err})"
@@ -435,7 +392,9 @@ def _json_text(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
-def write_release_files(folder: Path, config: Mapping[str, Any], state: Mapping[str, Tensor], readme: str) -> Path:
+def write_release_files(
+    folder: Path, config: Mapping[str, Any], state: Mapping[str, Tensor], readme: str
+) -> Path:
     """Write ``model.safetensors``, ``config.json``, ``README.md`` and (last) ``SHA256SUMS`` into ``folder``."""
     from safetensors.torch import save
 
@@ -468,7 +427,9 @@ def read_sums(folder: Path) -> dict[str, str]:
             raise ReleaseIntegrityError(f"{path}, line {number}: not '<sha256>  <file>': {line!r}")
         name = match.group(2)
         if "/" in name or "\\" in name or name in ("", ".", ".."):
-            raise ReleaseIntegrityError(f"{path}, line {number}: file names must be plain names, got {name!r}")
+            raise ReleaseIntegrityError(
+                f"{path}, line {number}: file names must be plain names, got {name!r}"
+            )
         sums[name] = match.group(1)
     return sums
 
@@ -486,7 +447,9 @@ def verify_release(folder: str | Path) -> dict[str, str]:
     sums = read_sums(folder)
     unlisted = [n for n in RELEASE_FILES if n not in sums]
     if unlisted:
-        raise ReleaseIntegrityError(f"{folder}/{SUMS_FILE} does not list {', '.join(unlisted)}: incomplete release")
+        raise ReleaseIntegrityError(
+            f"{folder}/{SUMS_FILE} does not list {', '.join(unlisted)}: incomplete release"
+        )
     missing = [n for n in sums if not (folder / n).is_file()]
     if missing:
         raise ReleaseIntegrityError(
@@ -498,7 +461,9 @@ def verify_release(folder: str | Path) -> dict[str, str]:
             f"release {folder}: {', '.join(altered)} does not match its sha256 in {SUMS_FILE} (altered or "
             f"corrupted download); refusing to load it"
         )
-    extra = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in sums and p.name != SUMS_FILE)
+    extra = sorted(
+        p.name for p in folder.iterdir() if p.is_file() and p.name not in sums and p.name != SUMS_FILE
+    )
     if extra:
         log.warning("release %s: files not listed in %s are ignored: %s", folder, SUMS_FILE, ", ".join(extra))
     return sums
@@ -548,7 +513,9 @@ class CytoSynPipeline:
         # Fresh, allocator-aligned copies: safetensors hands out views into one buffer at 8-byte offsets, and
         # CPU kernels take other code paths (another summation order) on differently aligned data, which
         # would break the bitwise equality of a release with its checkpoint.
-        state = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in state.items()}
+        state = {
+            k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in state.items()
+        }
         model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         norm_state = {k[len("latent_norm.") :]: v for k, v in state.items() if k.startswith("latent_norm.")}
         other = [k for k in state if not k.startswith(("model.", "latent_norm."))]
@@ -691,7 +658,9 @@ class CytoSynPipeline:
             "sampler_defaults": self.config.get("sampler"),
             "tile_px": self.tile_px,
             "mpp": self.mpp,
-            "mpp_source": tile.get("source") if tile.get("mpp") is not None else f"default {DEFAULT_MPP} (unknown)",
+            "mpp_source": tile.get("source")
+            if tile.get("mpp") is not None
+            else f"default {DEFAULT_MPP} (unknown)",
             "device": str(self.device),
             "precision": self._precision_name(),
             "training": {k: (self.config.get("training") or {}).get(k) for k in ("steps", "images_seen")},
@@ -710,7 +679,9 @@ class CytoSynPipeline:
             random = re.fullmatch(r"random-init:seed=(\d+)", recorded)
             try:
                 if random and self._vae_weights is None:
-                    log.warning("VAE %s is RANDOM-initialised (as recorded): images are for testing only", name)
+                    log.warning(
+                        "VAE %s is RANDOM-initialised (as recorded): images are for testing only", name
+                    )
                     vae = load_vae(name, random_init=True, seed=int(random.group(1)))
                 else:
                     vae = load_vae(name, self._vae_weights)
@@ -810,8 +781,7 @@ class CytoSynPipeline:
         gens = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)
         if cfg.method == "euler_maruyama":
-            with _row_noise():
-                return sample(self.velocity, noise, embeddings, cfg, generator=RowGenerators(gens))  # type: ignore[arg-type]
+            return sample(self.velocity, noise, embeddings, cfg, generator=gens)
         return sample(self.velocity, noise, embeddings, cfg)  # type: ignore[return-value]
 
     @torch.no_grad()
@@ -832,9 +802,10 @@ class CytoSynPipeline:
         """The sampler a call will use: ``sampler`` or the model's default for the mode, with overrides."""
         defaults = self.config.get("sampler") or {}
         key = "conditional" if conditional else "unconditional"
-        default = defaults.get(key) or sampler_preset(
-            "cytosyn_default" if conditional else "unconditional_default"
-        ).model_dump()
+        default = (
+            defaults.get(key)
+            or sampler_preset("cytosyn_default" if conditional else "unconditional_default").model_dump()
+        )
         return resolve_sampler(sampler, default, steps=steps, guidance_scale=guidance_scale)
 
     def generate(
@@ -923,7 +894,7 @@ class CytoSynPipeline:
         return emb
 
     def generate_from_tiles(self, reference_tiles: np.ndarray | Tensor, **kwargs: Any) -> np.ndarray | Tensor:
-        """"More like this": embed ``reference_tiles`` with the conditioning encoder, then :meth:`generate`."""
+        """More like this: embed ``reference_tiles`` with the conditioning encoder, then :meth:`generate`."""
         return self.generate(self.embed(reference_tiles), **kwargs)
 
     def null_embedding(self) -> Tensor:
@@ -962,7 +933,6 @@ __all__ = [
     "CytoSynPipeline",
     "PipelineError",
     "ReleaseIntegrityError",
-    "RowGenerators",
     "image_seed",
     "is_release_folder",
     "load_pipeline",

@@ -40,7 +40,6 @@ from cytosyn.pipeline import (
     CytoSynPipeline,
     PipelineError,
     find_checkpoint,
-    is_deepspeed_checkpoint,
     load_training_checkpoint,
     parts_from_checkpoint,
     resolve_sampler,
@@ -57,7 +56,8 @@ class ReleaseError(PipelineError):
 class ReleaseConfig(StrictModel):
     """Settings of ``cytosyn release`` (``cytosyn release --config release.yaml checkpoint=... output=...``)."""
 
-    checkpoint: Path = Path("runs/cytosyn")  # .ckpt file, run folder (→ checkpoints/last.ckpt) or DeepSpeed folder
+    # a .ckpt file, a run folder (→ checkpoints/last.ckpt) or a DeepSpeed checkpoint folder
+    checkpoint: Path = Path("runs/cytosyn")
     output: Path = Path("release")
     eval_report: Path | None = None  # an eval report folder (metrics.json) or the metrics.json file
     train_split: Path | None = None  # the featurized training split, when the checkpoint's path moved
@@ -82,7 +82,9 @@ class ReleaseSummary:
     def report(self) -> str:
         lines = [f"release written to {self.folder} (from {self.checkpoint})"]
         lines += [f"  {digest}  {name}" for name, digest in sorted(self.files.items())]
-        lines.append(f"  data summary: {'yes' if self.data_summary_available else 'no (training split unreadable)'}")
+        lines.append(
+            f"  data summary: {'yes' if self.data_summary_available else 'no (training split unreadable)'}"
+        )
         lines.append(f"  evaluation table: {'yes' if self.eval_included else 'no eval report given'}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -125,7 +127,8 @@ def summarize_training_data(split_dir: Path, condition_member: str | None = None
                     "model_id": feat.model_id,
                     "weights_sha256": feat.weights_sha256,
                     "preprocessing": {
-                        k: details.get(k) for k in ("input_size", "mean", "std", "resize", "num_prefix_tokens")
+                        k: details.get(k)
+                        for k in ("input_size", "mean", "std", "resize", "num_prefix_tokens")
                     },
                 }
     first = Path(split_dir) / manifest.shards[0].name if manifest.shards else None
@@ -223,7 +226,11 @@ def render_model_card(config: dict[str, Any]) -> str:
         f"{latent.get('channels')}×{latent.get('size')}×{latent.get('size')} latents of the "
         f"`{vae.get('name')}` VAE, generating {tile.get('px')}×{tile.get('px')} px tiles at "
         f"{tile.get('mpp') if tile.get('mpp') is not None else 'unknown'} µm/px"
-        + (f" ({tile['px'] * tile['mpp']:.0f} µm field of view)" if tile.get("px") and tile.get("mpp") else "")
+        + (
+            f" ({tile['px'] * tile['mpp']:.0f} µm field of view)"
+            if tile.get("px") and tile.get("mpp")
+            else ""
+        )
         + ".",
         "",
     ]
@@ -264,7 +271,7 @@ def render_model_card(config: dict[str, Any]) -> str:
         ["tile", f"{tile.get('px')} px at {tile.get('mpp')} µm/px (source: {tile.get('source')})"],
         ["time convention", "x_t = (1 − t)·x + t·ε, t = 1 is noise, the model predicts v = ε − x"],
     ]  # fmt: skip
-    lines += _table(["", ""], rows) + [""]
+    lines += [*_table(["", ""], rows), ""]
     if cond.get("preprocessing"):
         p = cond["preprocessing"]
         lines += [
@@ -280,7 +287,7 @@ def render_model_card(config: dict[str, Any]) -> str:
             [mode, s.get("method"), s.get("steps"), s.get("t_end"), s.get("guidance_scale"),
              f"[{', '.join(str(v) for v in s.get('guidance_interval', []))}]"]
         )  # fmt: skip
-    lines += _table(["mode", "method", "steps", "t_end", "guidance", "guidance interval"], srows) + [""]
+    lines += [*_table(["mode", "method", "steps", "t_end", "guidance", "guidance interval"], srows), ""]
 
     lines += ["## Training data", ""]
     if data:
@@ -288,7 +295,11 @@ def render_model_card(config: dict[str, Any]) -> str:
             f"Training split `{data.get('split')}`: {data.get('samples')} tiles from {data.get('slides')} slides "
             f"of {data.get('patients')} patients ({data.get('tss')} tissue source sites), "
             f"stored as `{data.get('image_member')}`"
-            + (f" ({_fmt((data.get('tile') or {}).get('codec'))})" if (data.get("tile") or {}).get("codec") else "")
+            + (
+                f" ({_fmt((data.get('tile') or {}).get('codec'))})"
+                if (data.get("tile") or {}).get("codec")
+                else ""
+            )
             + ".",
             "",
         ]
@@ -299,7 +310,7 @@ def render_model_card(config: dict[str, Any]) -> str:
                  data.get("tiles_per_project", {}).get(p, "?")]
                 for p in projects
             ]  # fmt: skip
-            lines += _table(["project", "slides", "patients", "tiles"], prow) + [""]
+            lines += [*_table(["project", "slides", "patients", "tiles"], prow), ""]
     else:
         lines += [
             "The training split's manifest was not readable when this release was made, so no data summary is "
@@ -328,7 +339,7 @@ def render_model_card(config: dict[str, Any]) -> str:
         ["training code version", training.get("code_version") or "not recorded in the checkpoint"],
         ["release code version", (config.get("release") or {}).get("code_version")],
     ]  # fmt: skip
-    lines += _table(["setting", "value"], trows) + [""]
+    lines += [*_table(["setting", "value"], trows), ""]
 
     lines += ["## Evaluation", ""]
     if evaluation:
@@ -342,14 +353,17 @@ def render_model_card(config: dict[str, Any]) -> str:
         lines += _table(["metric", "value"], [[f"`{k}`", _fmt(v)] for k, v in evaluation["metrics"].items()])
         lines += [""]
     else:
-        lines += ["No evaluation report was given when this release was made (`cytosyn release eval_report=...`).", ""]
+        lines += [
+            "No evaluation report was given when this release was made (`cytosyn release eval_report=...`).",
+            "",
+        ]
 
     lines += [
         "## Intended use",
         "",
         "Research on computational pathology: synthetic H&E tiles for data augmentation studies, "
         "benchmarking generative models, studying what tile encoders capture, and conditional generation "
-        "(\"more like this\") from reference tiles at the same magnification. Not for diagnosis, not for "
+        '("more like this") from reference tiles at the same magnification. Not for diagnosis, not for '
         "any clinical decision, and not as a substitute for real patient data in validation.",
         "",
         "## Limitations",
@@ -364,8 +378,12 @@ def render_model_card(config: dict[str, Any]) -> str:
         "- Sampler presets with fewer steps (fast_heun_30, fast_euler_50) are cheaper; check their quality "
         "with the eval harness before relying on them.",
     ]
-    if str(vae.get("weights", "")).startswith("random-init") or str(cond.get("weights", "")).startswith("random-init"):
-        lines.append("- **This model was trained with randomly initialised encoder/VAE weights: it is a test artifact.**")
+    if str(vae.get("weights", "")).startswith("random-init") or str(cond.get("weights", "")).startswith(
+        "random-init"
+    ):
+        lines.append(
+            "- **This model was trained with randomly initialised encoder/VAE weights: it is a test artifact.**"
+        )
     lines += ["", "## Licences", ""]
     lines.append(
         "The weights in this folder follow the licence chosen by whoever released them; they were trained on "
@@ -402,7 +420,9 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
         if not output.is_dir():
             raise ReleaseError(f"output {output} exists and is not a folder")
         if any(output.iterdir()) and not overwrite:
-            raise ReleaseError(f"output folder {output} is not empty; choose another one or pass overwrite=true")
+            raise ReleaseError(
+                f"output folder {output} is not empty; choose another one or pass overwrite=true"
+            )
 
 
 def run_release(
@@ -432,9 +452,9 @@ def run_release(
     shutil.rmtree(partial, ignore_errors=True)
     summary = ReleaseSummary(folder=output, checkpoint=source)
     try:
-        ckpt, file = load_training_checkpoint(source, scratch=partial / ".consolidate")
+        ckpt, file = load_training_checkpoint(source, scratch=output.parent)
         config, state = parts_from_checkpoint(ckpt, weights=weights)
-        ckpt_sha = sha256_file(file) if file.is_file() and not is_deepspeed_checkpoint(source) else None
+        ckpt_sha = sha256_file(file) if file.is_file() else None  # a DeepSpeed folder has no single hash
         del ckpt
         train_cfg = config["training"]["config"]
         condition = (train_cfg.get("data") or {}).get("condition")
@@ -444,7 +464,9 @@ def run_release(
             try:
                 data = summarize_training_data(Path(split), f"{condition}.npy" if condition else None)
             except Exception as err:  # the data may live on another cluster: the release still works
-                summary.notes.append(f"training split {split} unreadable ({type(err).__name__}: {err}): no data summary")
+                summary.notes.append(
+                    f"training split {split} unreadable ({type(err).__name__}: {err}): no data summary"
+                )
         tile = (data or {}).get("tile") or {}
         downsample = int(config["vae"].get("downsample") or 8)
         px = tile.get("px") or int(config["latent"]["size"]) * downsample
@@ -452,7 +474,9 @@ def run_release(
         config["tile"] = {
             "px": int(px),
             "mpp": float(tile_mpp) if tile_mpp is not None else None,
-            "source": "release setting mpp" if mpp is not None else ("training split sample JSON" if tile else "unknown"),
+            "source": "release setting mpp"
+            if mpp is not None
+            else ("training split sample JSON" if tile else "unknown"),
             "codec_of_training_tiles": tile.get("codec"),
         }
         if config["tile"]["mpp"] is None:
@@ -471,13 +495,14 @@ def run_release(
             "unconditional": unconditional.model_dump(mode="json"),
         }
         config["weights"]["source"] = weights
-        config["weights"]["parameters"] = int(sum(v.numel() for k, v in state.items() if k.startswith("model.")))
+        config["weights"]["parameters"] = int(
+            sum(v.numel() for k, v in state.items() if k.startswith("model."))
+        )
         config["training"]["checkpoint"] = {"file": source.name, "sha256": ckpt_sha}
         config["data"] = data
         config["evaluation"] = evaluation
         config["release"] = {"code_version": code_version(), "format": config["format"]}
         readme = render_model_card(config)
-        shutil.rmtree(partial / ".consolidate", ignore_errors=True)
         write_release_files(partial, config, state, readme)
         # Prove the folder loads (hashes, config, weights) before it gets its final name.
         CytoSynPipeline.from_pretrained(partial, device="cpu")

@@ -48,7 +48,18 @@ STATE_DIR = ".sample"
 SETTINGS_FILE = "settings.json"
 GRID_FILE = "grid.png"
 SAMPLE_FORMAT = "cytosyn.sample/1"
-_REFERENCE_FIELDS = ("slide_id", "patient_id", "tss", "project", "x", "y", "level", "read_size", "mpp", "tile_px")
+_REFERENCE_FIELDS = (
+    "slide_id",
+    "patient_id",
+    "tss",
+    "project",
+    "x",
+    "y",
+    "level",
+    "read_size",
+    "mpp",
+    "tile_px",
+)
 
 
 class SampleError(RuntimeError):
@@ -73,7 +84,8 @@ class SamplerSettings(StrictModel):
     preset: str | None = None  # cytosyn_default, unconditional_default, fast_heun_30, fast_euler_50
     steps: int | None = Field(default=None, ge=1)
     guidance_scale: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
-    overrides: dict[str, Any] = Field(default_factory=dict)  # any SamplerConfig field, e.g. {time_grid: shifted}
+    # any other SamplerConfig field, e.g. {time_grid: shifted, shift: 3.0}
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> SamplerSettings:
@@ -97,7 +109,8 @@ class SampleConfig(StrictModel):
     embedding_member: str | None = None  # default: the model's conditioning member (e.g. h0-mini.npy)
     max_references: int | None = Field(default=None, ge=1)  # the first N samples of the split
     num_images: int = Field(default=64, ge=1)  # unconditional mode
-    name: str = Field(default="synthetic", pattern=r"^[A-Za-z0-9_\-]+$")  # split name; shards <name>-000000.tar
+    # split name of the synthetic set: shards <name>-000000.tar, manifest split field
+    name: str = Field(default="synthetic", pattern=r"^[A-Za-z0-9_\-]+$")
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     seed: int = 0
     batch_size: int = Field(default=16, ge=1)
@@ -119,12 +132,17 @@ class SampleConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> SampleConfig:
         if self.mode == "conditional" and self.split is None:
-            raise ValueError("mode 'conditional' needs split= (a featurized split); or set mode=unconditional")
+            raise ValueError(
+                "mode 'conditional' needs split= (a featurized split); or set mode=unconditional"
+            )
         return self
 
     def content_settings(self) -> dict[str, Any]:
         """Settings that decide the content of the shards (part, batch size, device, progress do not)."""
-        data = self.model_dump(mode="json", exclude={"part", "batch_size", "device", "progress", "grid_size", "vae_weights", "output"})
+        data = self.model_dump(
+            mode="json",
+            exclude={"part", "batch_size", "device", "progress", "grid_size", "vae_weights", "output"},
+        )
         data.pop("split")  # the reference split is identified by its manifest's sha256, not its path
         if self.mode == "unconditional":
             for key in ("embedding_member", "max_references"):
@@ -197,7 +215,8 @@ class ReferenceReader:
             raise SampleError(f"reference shard {path} is missing (listed in {self.split}/manifest.json)")
         refs: list[Reference] = []
         reader = None
-        for (key, members), reader in iter_shard_samples(path):
+        for (key, members), shard_reader in iter_shard_samples(path):
+            reader = shard_reader
             m = dict(members)
             ext = self.member.removesuffix(".npy")
             if f"{ext}.npy" not in m:
@@ -221,7 +240,9 @@ class ReferenceReader:
                 f"reference shard {path} does not match its sha256 in the manifest (changed since featurize)"
             )
         if len(refs) != entry.count:
-            raise SampleError(f"reference shard {path} holds {len(refs)} samples, the manifest says {entry.count}")
+            raise SampleError(
+                f"reference shard {path} holds {len(refs)} samples, the manifest says {entry.count}"
+            )
         self._cache = (j, with_images, refs)
         return refs
 
@@ -342,7 +363,9 @@ def run_sample(cfg: SampleConfig) -> SampleSummary:
     )
     reader: ReferenceReader | None = None
     manifest_in: SplitManifest | None = None
-    inputs: dict[str, Any] = {"model": {"path": str(cfg.model), "name": pipe.name, "weights_sha256": pipe.weights_sha256}}
+    inputs: dict[str, Any] = {
+        "model": {"path": str(cfg.model), "name": pipe.name, "weights_sha256": pipe.weights_sha256}
+    }
     if conditional:
         assert cfg.split is not None
         try:
@@ -390,7 +413,12 @@ def run_sample(cfg: SampleConfig) -> SampleSummary:
         if reader is not None:
             emb = np.stack([r.embedding for r in refs])
             images = pipe.generate(
-                emb, sampler=sampler_cfg, seed=cfg.seed, batch_size=cfg.batch_size, index_offset=start, progress=bar
+                emb,
+                sampler=sampler_cfg,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                index_offset=start,
+                progress=bar,
             )
         else:
             images = pipe.generate(
@@ -507,7 +535,9 @@ def _finish_if_complete(
     return True
 
 
-def write_grid(output: Path, size: int, reader: ReferenceReader | None = None, thumb: int = 112) -> Path | None:
+def write_grid(
+    output: Path, size: int, reader: ReferenceReader | None = None, thumb: int = 112
+) -> Path | None:
     """``grid.png``: the first ``size`` generated tiles (each next to its reference when conditional)."""
     from PIL import Image
 
@@ -541,7 +571,11 @@ def write_grid(output: Path, size: int, reader: ReferenceReader | None = None, t
         if pair:
             ref_bytes = refs.get((meta.get("reference") or {}).get("index", -1))
             if ref_bytes is not None:
-                ref = Image.open(io.BytesIO(ref_bytes)).convert("RGB").resize((thumb, thumb), Image.Resampling.BOX)
+                ref = (
+                    Image.open(io.BytesIO(ref_bytes))
+                    .convert("RGB")
+                    .resize((thumb, thumb), Image.Resampling.BOX)
+                )
                 canvas.paste(ref, (x, y))
             canvas.paste(gen, (x + thumb, y))
         else:

@@ -28,7 +28,13 @@ from cytosyn.training.config import TrainConfig
 from cytosyn.training.run import run_training
 
 ENCODER = "vit-tiny16"
-FAST = {"method": "euler_maruyama", "steps": 4, "t_end": 0.04, "guidance_scale": 2.5, "guidance_interval": (0.0, 0.75)}
+FAST = {
+    "method": "euler_maruyama",
+    "steps": 4,
+    "t_end": 0.04,
+    "guidance_scale": 2.5,
+    "guidance_interval": (0.0, 0.75),
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +71,12 @@ def trained(tmp_path_factory, fixture_slide) -> dict[str, Path]:
             "repa": {"weight": 0.0},
             "optim": {"lr": 1e-3},
             "ema": {"decay": 0.5},
-            "trainer": {"max_steps": 6, "accelerator": "cpu", "log_every_n_steps": 1, "checkpoint_every_n_steps": 6},
+            "trainer": {
+                "max_steps": 6,
+                "accelerator": "cpu",
+                "log_every_n_steps": 1,
+                "checkpoint_every_n_steps": 6,
+            },
             "validation": {"every_n_steps": 0},
             "logging": {"wandb": "disabled"},
         },
@@ -109,7 +120,12 @@ def _embeddings(trained, n: int) -> np.ndarray:
 
 def test_release_folder_contents(trained):
     folder = trained["release"]
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "SHA256SUMS", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "SHA256SUMS",
+        "config.json",
+        "model.safetensors",
+    ]
     from safetensors import safe_open
 
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
@@ -119,7 +135,10 @@ def test_release_folder_contents(trained):
     assert not any("projectors" in k for k in keys)
     config = json.loads((folder / "config.json").read_text())
     assert config["sit"]["depth"] == 4 and config["sit"]["cond_dim"] == 192
-    assert config["conditioning"]["encoder"] == ENCODER and config["conditioning"]["preprocessing"]["input_size"] == 224
+    assert (
+        config["conditioning"]["encoder"] == ENCODER
+        and config["conditioning"]["preprocessing"]["input_size"] == 224
+    )
     assert config["vae"]["name"] == "tiny-f8" and config["vae"]["weights"] == "random-init:seed=0"
     assert config["tile"] == {**config["tile"], "px": 224, "mpp": 0.5}
     assert config["training"]["steps"] == 6 and config["training"]["images_seen"] == 48
@@ -127,7 +146,14 @@ def test_release_folder_contents(trained):
     assert config["sampler"]["conditional"]["steps"] == 250
     assert config["evaluation"]["metrics"]["fid_inception"] == 123.4
     card = (folder / "README.md").read_text()
-    for text in ("## Training data", "## Evaluation", "fid_inception", "5 [4.5, 5.5]", "## Intended use", "## Limitations"):
+    for text in (
+        "## Training data",
+        "## Evaluation",
+        "fid_inception",
+        "5 [4.5, 5.5]",
+        "## Intended use",
+        "## Limitations",
+    ):
         assert text in card, text
     sums = (folder / "SHA256SUMS").read_text().split("\n")
     assert [line.split("  ")[1] for line in sums if line] == ["README.md", "config.json", "model.safetensors"]
@@ -142,9 +168,10 @@ def test_release_samples_equal_checkpoint_samples_bitwise(trained, pipe):
     b = released.generate(emb, sampler=FAST, seed=7, batch_size=3)
     assert a.dtype == np.uint8 and a.shape == (3, 224, 224, 3)
     assert np.array_equal(a, b)
-    la = pipe.generate(emb, sampler=FAST, seed=7, output="latent")
-    lb = released.generate(emb, sampler=FAST, seed=7, output="latent")
-    assert torch.equal(la, lb)
+    for sampler in (FAST, "fast_heun_30"):
+        la = pipe.generate(emb, sampler=sampler, steps=4, seed=7, output="latent")
+        lb = released.generate(emb, sampler=sampler, steps=4, seed=7, output="latent")
+        assert torch.equal(la, lb)
 
 
 def test_save_pretrained_round_trip(trained, pipe, tmp_path):
@@ -165,12 +192,18 @@ def test_release_is_deterministic_and_refuses_a_non_empty_output(trained, tmp_pa
         assert (second / name).read_bytes() == (trained["release"] / name).read_bytes(), name
     with pytest.raises(PipelineError, match="not empty"):
         run_release(trained["ckpt"], second)
-    summary = run_release_config(build_config(ReleaseConfig, {"checkpoint": str(trained["ckpt"]), "output": str(second), "overwrite": True}))
+    summary = run_release_config(
+        build_config(
+            ReleaseConfig, {"checkpoint": str(trained["ckpt"]), "output": str(second), "overwrite": True}
+        )
+    )
     assert summary.files.keys() == {"README.md", "config.json", "model.safetensors"}
     assert not summary.eval_included and "No evaluation report" in (second / "README.md").read_text()
 
 
-@pytest.mark.parametrize("tamper", ["flip_weights_byte", "delete_config", "edit_config", "delete_sums", "edit_readme"])
+@pytest.mark.parametrize(
+    "tamper", ["flip_weights_byte", "delete_config", "edit_config", "delete_sums", "edit_readme"]
+)
 def test_tampered_release_is_refused(trained, tmp_path, tamper):
     folder = tmp_path / "release"
     shutil.copytree(trained["release"], folder)
@@ -211,7 +244,9 @@ def test_determinism_per_seed_and_independence_from_batch_size(trained, pipe):
         pieces = torch.cat(
             [
                 pipe.generate(emb[:3], sampler=sampler, seed=3, batch_size=3, output="latent"),
-                pipe.generate(emb[3:], sampler=sampler, seed=3, batch_size=3, index_offset=3, output="latent"),
+                pipe.generate(
+                    emb[3:], sampler=sampler, seed=3, batch_size=3, index_offset=3, output="latent"
+                ),
             ]
         )
         torch.testing.assert_close(pieces, one, rtol=1e-5, atol=1e-5)
@@ -236,7 +271,9 @@ def test_unconditional_sampling_uses_the_null_embedding(pipe, monkeypatch):
     # The null embedding passed explicitly as a condition gives the same latents.
     monkeypatch.undo()
     null = pipe.null_embedding().expand(2, -1)
-    uncond = pipe.generate(None, num_images=2, sampler={**FAST, "guidance_scale": 1.0}, seed=0, output="latent")
+    uncond = pipe.generate(
+        None, num_images=2, sampler={**FAST, "guidance_scale": 1.0}, seed=0, output="latent"
+    )
     as_cond = pipe.generate(null, sampler={**FAST, "guidance_scale": 1.0}, seed=0, output="latent")
     assert torch.equal(uncond, as_cond)
 
@@ -279,16 +316,34 @@ def test_generate_from_tiles_embeds_with_the_conditioning_encoder(trained, pipe)
     assert emb.shape == (2, 192) and emb.dtype == torch.float32
     assert torch.equal(emb, emb.half().float())  # rounded to fp16 like the stored training embeddings
     more = pipe.generate_from_tiles(tiles, sampler=FAST, seed=5)
-    assert torch.equal(
-        torch.from_numpy(more), torch.from_numpy(pipe.generate(emb, sampler=FAST, seed=5))
-    )
+    assert torch.equal(torch.from_numpy(more), torch.from_numpy(pipe.generate(emb, sampler=FAST, seed=5)))
     assert pipe.describe()["conditioning"]["encoder"] == ENCODER
+
+
+def test_checkpoint_sources(trained, tmp_path):
+    by_run_folder = CytoSynPipeline.from_checkpoint(trained["root"] / "run", device="cpu")
+    assert by_run_folder.source.endswith("last.ckpt")
+    zero = tmp_path / "last.ckpt"  # the shape of a DeepSpeed checkpoint folder
+    (zero / "checkpoint").mkdir(parents=True)
+    (zero / "latest").write_text("checkpoint")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        with pytest.raises(PipelineError, match="needs DeepSpeed"):
+            CytoSynPipeline.from_checkpoint(zero, device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="without checkpoints"):
+        CytoSynPipeline.from_checkpoint(tmp_path / "empty")
+    not_ours = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, not_ours)
+    with pytest.raises(PipelineError, match="not a cytosyn training checkpoint"):
+        CytoSynPipeline.from_checkpoint(not_ours)
 
 
 def test_checkpoint_parts_use_the_ema_weights(trained):
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
-    config, state = parts_from_checkpoint(ckpt)
-    raw_config, raw_state = parts_from_checkpoint(ckpt, weights="raw")
+    _, state = parts_from_checkpoint(ckpt)
+    _, raw_state = parts_from_checkpoint(ckpt, weights="raw")
     key = "model.final_layer.linear.weight"
     assert torch.equal(state[key], ckpt["state_dict"]["ema.module." + key])
     assert not torch.equal(state[key], raw_state[key])
@@ -321,8 +376,18 @@ def test_sample_conditioned_on_a_split_writes_a_valid_dataset_and_resumes(traine
     manifest = read_manifest(out)
     assert manifest.samples == 10 and [s.count for s in manifest.shards] == [4, 4, 2]
     assert manifest.image_member == "png" and manifest.stats["mode"] == "conditional"
-    refs = [key for (key, _), _ in iter_shard_samples(trained["split"] / read_manifest(trained["split"]).shards[0].name)]
-    refs += [key for (key, _), _ in iter_shard_samples(trained["split"] / read_manifest(trained["split"]).shards[1].name)]
+    refs = [
+        key
+        for (key, _), _ in iter_shard_samples(
+            trained["split"] / read_manifest(trained["split"]).shards[0].name
+        )
+    ]
+    refs += [
+        key
+        for (key, _), _ in iter_shard_samples(
+            trained["split"] / read_manifest(trained["split"]).shards[1].name
+        )
+    ]
     seen = []
     for entry in manifest.shards:
         import hashlib
@@ -332,7 +397,9 @@ def test_sample_conditioned_on_a_split_writes_a_valid_dataset_and_resumes(traine
             m = dict(members)
             meta = json.loads(m["json"])
             assert "." not in key and set(m) == {"png", "json"}
-            assert meta["reference_key"] == meta["reference"]["key"] and key == f"{meta['reference_key']}__gen"
+            assert (
+                meta["reference_key"] == meta["reference"]["key"] and key == f"{meta['reference_key']}__gen"
+            )
             assert meta["reference"]["split"] == "train" and meta["sampler"]["steps"] == 3
             assert meta["codec"]["format"] == "png" and meta["tile_px"] == 224 and meta["mpp"] == 0.5
             seen.append(meta["reference_key"])

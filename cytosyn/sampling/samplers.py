@@ -56,7 +56,7 @@ float64; the model receives ``x_t`` and ``t`` cast to the noise's dtype, and its
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -316,12 +316,23 @@ class _Guided:
 
 
 @torch.no_grad()
+def _randn(shape: torch.Size, generator: torch.Generator | Sequence[torch.Generator] | None, device) -> torch.Tensor:
+    """float64 standard normal noise; with one generator per batch row, row ``i`` comes from generator ``i``
+    (drawn on that generator's device), so an image's trajectory does not depend on its batch-mates."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        rows = [torch.randn(shape[1:], generator=g, dtype=torch.float64, device=g.device) for g in generator]
+        return torch.stack(rows).to(device)
+    return torch.randn(shape, generator=generator, dtype=torch.float64, device=device)
+
+
 def sample(
     velocity_fn: VelocityFn,
     noise: torch.Tensor,
     cond: torch.Tensor | None,
     cfg: SamplerConfig,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     *,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, SamplerStats]:
@@ -360,7 +371,7 @@ def sample(
             if k == n - 1:  # final mean step into t = 0
                 x = x_mean
             else:
-                z = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+                z = _randn(x.shape, generator, x.device)
                 x = x_mean + ((_diffusion(t_cur) * -h) ** 0.5) * z
     out = x.to(noise.dtype)
     return (out, stats) if return_stats else out

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from cytosyn.config import config_hash
 from cytosyn.data import LoaderConfig, build_loader
 from cytosyn.diffusion import BatchNormLatentNorm, FixedLatentNorm, sample_time
+from cytosyn.fileio import code_version
 from cytosyn.manifest import FeatureEntry, SplitManifest
 from cytosyn.models import align_tokens, build_sit, load_sit_state_dict, repa_loss
 from cytosyn.training.config import TrainConfig
@@ -484,6 +485,7 @@ class LatentDiffusionModule(L.LightningModule):
             "loader_states": states,
             "world_size": self.trainer.world_size,
             "images_seen": self.micro_step * self.cfg.data.batch_size * self.trainer.world_size,
+            "code_version": code_version(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
