@@ -5,7 +5,10 @@
 2. pack them into patient-level train / val / test splits and verify the result;
 3. featurize the splits — with RANDOM-INITIALISED small models (a ViT-Tiny encoder and a tiny f8 VAE,
    the real architectures' shape but no pretrained weights: nothing downloads, nothing is meaningful);
-4. train the tiny SiT-T/2 preset for a short run (held-out validation, a sample grid, checkpoints).
+4. train the tiny SiT-T/2 preset for a short run (held-out validation, a sample grid, checkpoints);
+5. release the checkpoint (safetensors + config + model card + SHA256SUMS) and sample tiles from the release,
+   conditioned on held-out tiles' embeddings;
+6. evaluate the tiny model against held-out-patient tiles (overfitting study) into a report folder.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def _write_inputs(slides: Path) -> Path:
 
 DEMO_ENCODER = {"name": "vit-tiny16", "random_init": True, "outputs": ["cls", "patch"]}
 DEMO_VAE = {"name": "tiny-f8", "random_init": True}
-STEPS = 5
+STEPS = 6
 
 
 def run_demo(output: Path, workers: int = 1, train_steps: int = 100) -> int:
@@ -90,9 +93,64 @@ def run_demo(output: Path, workers: int = 1, train_steps: int = 100) -> int:
         return 1
     _featurize(output)
     run_dir = _train(output, train_steps)
-    print(f"demo done under {output}: tiles/, dataset/, features/, run/ (checkpoints, logs, samples)")
-    print(f"  look at: {run_dir / 'samples'} (sample grids), {output / 'tiles' / 'slides'} (overviews)")
+    release = _release_and_sample(output, run_dir)
+    report = _evaluate(output, release)
+    print(f"demo done under {output}: tiles/, dataset/, features/, run/, release/, synthetic/, eval/")
+    print(f"  look at: {report / 'report.md'}, {output / 'synthetic' / 'grid.png'}, {run_dir / 'samples'}")
     return 0
+
+
+def _release_and_sample(output: Path, run_dir: Path) -> Path:
+    from cytosyn.release import run_release
+    from cytosyn.sample import SampleConfig, run_sample
+
+    release = output / "release"
+    print(f"[demo 5/{STEPS}] release the checkpoint → {release}, then sample from it → {output / 'synthetic'}")
+    if not (release / "SHA256SUMS").exists():
+        run_release(run_dir, release, name="cytosyn-demo-tiny")
+    cfg = build_config(
+        SampleConfig,
+        {
+            "model": str(release),
+            "output": str(output / "synthetic"),
+            "split": str(output / "features" / "val"),
+            "max_references": 16,
+            "sampler": {"preset": "fast_euler_50", "steps": 20},
+            "grid_size": 8,
+            "progress": False,
+        },
+    )
+    print(f"  {run_sample(cfg).report()}")
+    return release
+
+
+def _evaluate(output: Path, release: Path) -> Path:
+    from cytosyn.eval.run import EvalConfig, run_eval
+
+    print(f"[demo 6/{STEPS}] evaluate against held-out patients (random-initialised extractors: demo only)")
+    cfg = build_config(
+        EvalConfig,
+        {
+            "study": "overfitting",
+            "generator": {"kind": "cytosyn", "path": str(release), "steps": 20},
+            "references": {"heldout": str(output / "dataset" / "val"), "train": str(output / "dataset" / "train")},
+            "extractors": [
+                {"name": "vit-tiny16", "random_init": True, "seed": 1},
+                {"name": "dinov2-vits14", "random_init": True},
+            ],
+            "fidelity_extractor": "dinov2-vits14",
+            # The reference tiles are stored as JPEG q95 4:4:4 (the tiler's default): compare like with like.
+            "generated_codec": {"jpeg": 95, "subsampling": "4:4:4"},
+            "n": 16,
+            "n_boot": 20,
+            "kid_subset_size": 8,
+            "kid_subsets": 10,
+            "output": str(output / "eval"),
+        },
+    )
+    report = run_eval(cfg)
+    print(f"  report: {report / 'report.md'}")
+    return report
 
 
 def _featurize(output: Path) -> None:
