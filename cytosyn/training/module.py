@@ -24,6 +24,7 @@ import hashlib
 import logging
 import math
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,8 @@ class LatentDiffusionModule(L.LightningModule):
         self._last_loader_state: dict | None = None
         self._val_sets: dict[str, tuple[Tensor, Tensor, Tensor | None]] | None = None
         self._t_last = None
-        self.history: list[dict[str, float]] = []
+        # Per micro-batch losses of this process (tests, short runs); bounded so long runs do not grow it.
+        self.history: deque[dict[str, float]] = deque(maxlen=100_000)
 
     # ---- data ------------------------------------------------------------------------------------------
 

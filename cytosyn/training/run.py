@@ -334,6 +334,6 @@ def run_training(cfg: TrainConfig, force: bool = False) -> TrainResult:
         images_seen=module.micro_step * cfg.data.batch_size * trainer.world_size,
         skipped_steps=module.skipped_steps,
         resumed_from=resume,
-        history=module.history,
+        history=list(module.history),
         validation=validation,
     )
