@@ -44,7 +44,11 @@ from cytosyn.shardio import ShardWriter, iter_shard_samples  # noqa: E402
 def _tiles(work: Path, n: int) -> list[tuple[str, dict[str, bytes]]]:
     cfg = build_config(
         TileConfig,
-        {"output": str(work / "tiles"), "slides": {"input": [str(bundled_slide())]}, "run": {"progress": False}},
+        {
+            "output": str(work / "tiles"),
+            "slides": {"input": [str(bundled_slide())]},
+            "run": {"progress": False},
+        },
     )
     run_tiling(cfg)
     samples = []
@@ -61,7 +65,14 @@ def _split(work: Path, samples) -> Path:
         writer.write({"__key__": f"{key}_{i}", **members})
     shards = writer.close()
     write_manifest(
-        SplitManifest(split="train", image_member="jpg", samples=len(samples), shards=[s.as_dict() for s in shards], patients=["p"], slides=["s"]),
+        SplitManifest(
+            split="train",
+            image_member="jpg",
+            samples=len(samples),
+            shards=[s.as_dict() for s in shards],
+            patients=["p"],
+            slides=["s"],
+        ),
         out,
     )
     return out
@@ -129,7 +140,9 @@ def main() -> None:
     print(f"{'stage':<28} {'s':>8} {'tiles/s':>9} {'share':>7}")
     for name, t in (("decode JPEG", t_decode), ("H0-mini (CLS + patches)", t_enc), ("SD-VAE encode", t_vae)):
         print(f"{name:<28} {t:>8.2f} {n / t:>9.2f} {t / total_parts:>7.1%}")
-    print(f"{'run_featurize end to end':<28} {t_e2e:>8.2f} {n / t_e2e:>9.2f}   (includes model build and hashing)")
+    print(
+        f"{'run_featurize end to end':<28} {t_e2e:>8.2f} {n / t_e2e:>9.2f}   (includes model build and hashing)"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

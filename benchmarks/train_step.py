@@ -41,7 +41,9 @@ def _sync(device: torch.device) -> None:
 
 def bench_preset(preset: str, device: torch.device, batch: int, steps: int, warmup: int) -> dict[str, float]:
     torch.manual_seed(0)
-    model = build_sit(preset, input_size=28, in_channels=4, cond_dim=768, cond_dropout=0.0, repa_dim=768).to(device)
+    model = build_sit(preset, input_size=28, in_channels=4, cond_dim=768, cond_dropout=0.0, repa_dim=768).to(
+        device
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 4, 28, 28, device=device)
     cond = torch.randn(batch, 768, device=device)
@@ -86,8 +88,12 @@ def main() -> None:
     torch.set_flush_denormal(True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_peak(device, dtype, 8192 if device.type == "cuda" else 2048, 12)
-    print(f"device {device}, {torch.get_num_threads()} threads; measured {dtype} matmul peak: {peak / 1e12:.3f} TFLOP/s")
-    print(f"{'preset':<10} {'params':>8} {'batch':>6} {'step s':>8} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads; measured {dtype} matmul peak: {peak / 1e12:.3f} TFLOP/s"
+    )
+    print(
+        f"{'preset':<10} {'params':>8} {'batch':>6} {'step s':>8} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6}"
+    )
     for preset in args.presets:
         r = bench_preset(preset, device, args.batch, args.steps, args.warmup)
         print(

@@ -195,21 +195,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = verbs.add_parser("sample", help="generate a synthetic tile dataset from a checkpoint or release")
     _add_config_args(sample)
-    sample.add_argument("--model", type=Path, help="release folder or training checkpoint / run folder (model=...)")
-    sample.add_argument("--split", type=Path, help="featurized split whose embeddings condition the tiles (split=...)")
+    sample.add_argument(
+        "--model", type=Path, help="release folder or training checkpoint / run folder (model=...)"
+    )
+    sample.add_argument(
+        "--split", type=Path, help="featurized split whose embeddings condition the tiles (split=...)"
+    )
     sample.add_argument("--output", type=Path, help="output folder (output=...)")
     sample.add_argument("--part", help="i/N: output shards i, i+N, ... (one process per GPU)")
     sample.set_defaults(func=_cmd_sample)
 
-    release = verbs.add_parser("release", help="training checkpoint → release folder (safetensors, config, card, SHA256SUMS)")
+    release = verbs.add_parser(
+        "release", help="training checkpoint → release folder (safetensors, config, card, SHA256SUMS)"
+    )
     _add_config_args(release)
-    release.add_argument("--checkpoint", type=Path, help=".ckpt file, run folder or DeepSpeed folder (checkpoint=...)")
+    release.add_argument(
+        "--checkpoint", type=Path, help=".ckpt file, run folder or DeepSpeed folder (checkpoint=...)"
+    )
     release.add_argument("--output", type=Path, help="release folder (output=...)")
-    release.add_argument("--eval-report", dest="eval_report", type=Path, help="eval report folder or metrics.json")
+    release.add_argument(
+        "--eval-report", dest="eval_report", type=Path, help="eval report folder or metrics.json"
+    )
     release.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     release.set_defaults(func=_cmd_release)
 
-    ev = verbs.add_parser("eval", help="evaluate a generator (overfitting, domain or sweep study) → report folder")
+    ev = verbs.add_parser(
+        "eval", help="evaluate a generator (overfitting, domain or sweep study) → report folder"
+    )
     _add_config_args(ev)
     ev.add_argument("--output", type=Path, help="report folder (shorthand for output=...)")
     ev.set_defaults(func=_cmd_eval)

@@ -125,7 +125,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """``key: old → new`` for every dotted key whose value differs between two config trees."""
     fa, fb = flatten(a), flatten(b)
-    return [f"{k}: {fa.get(k)!r} → {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+    return [
+        f"{k}: {fa.get(k)!r} → {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)
+    ]
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

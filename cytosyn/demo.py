@@ -20,7 +20,9 @@ from pathlib import Path
 from cytosyn.config import build_config
 
 # (slide id, tissue source site): two patients per site, one slide each.
-_SYNTHETIC = [(f"TCGA-{tss}-{i:04d}-01Z-00-DX1", tss) for i, tss in enumerate(["A1", "A1", "B2", "B2", "C3", "C3"])]
+_SYNTHETIC = [
+    (f"TCGA-{tss}-{i:04d}-01Z-00-DX1", tss) for i, tss in enumerate(["A1", "A1", "B2", "B2", "C3", "C3"])
+]
 
 
 def bundled_slide() -> Path:
@@ -105,7 +107,9 @@ def _release_and_sample(output: Path, run_dir: Path) -> Path:
     from cytosyn.sample import SampleConfig, run_sample
 
     release = output / "release"
-    print(f"[demo 5/{STEPS}] release the checkpoint → {release}, then sample from it → {output / 'synthetic'}")
+    print(
+        f"[demo 5/{STEPS}] release the checkpoint → {release}, then sample from it → {output / 'synthetic'}"
+    )
     if not (release / "SHA256SUMS").exists():
         run_release(run_dir, release, name="cytosyn-demo-tiny")
     cfg = build_config(
@@ -133,7 +137,10 @@ def _evaluate(output: Path, release: Path) -> Path:
         {
             "study": "overfitting",
             "generator": {"kind": "cytosyn", "path": str(release), "steps": 20},
-            "references": {"heldout": str(output / "dataset" / "val"), "train": str(output / "dataset" / "train")},
+            "references": {
+                "heldout": str(output / "dataset" / "val"),
+                "train": str(output / "dataset" / "train"),
+            },
             "extractors": [
                 {"name": "vit-tiny16", "random_init": True, "seed": 1},
                 {"name": "dinov2-vits14", "random_init": True},
@@ -157,7 +164,9 @@ def _featurize(output: Path) -> None:
     from cytosyn.data_prep.featurize import run_featurize
     from cytosyn.data_prep.featurize_config import FeaturizeConfig
 
-    print(f"[demo 3/{STEPS}] featurize with RANDOM-INITIALISED small models (demo only) → {output / 'features'}")
+    print(
+        f"[demo 3/{STEPS}] featurize with RANDOM-INITIALISED small models (demo only) → {output / 'features'}"
+    )
     for split in ("train", "val", "test"):
         cfg = build_config(
             FeaturizeConfig,

@@ -15,7 +15,9 @@ import torch
 @runtime_checkable
 class TileGenerator(Protocol):
     name: str  # e.g. "cytosyn:<release id>" or "pixcell-256"
-    conditioning_encoder: str | None  # registry name of the encoder whose embeddings condition it (None: unconditional only)
+    conditioning_encoder: (
+        str | None
+    )  # registry name of the encoder whose embeddings condition it (None: unconditional only)
     tile_px: int  # side of the generated tiles
     mpp: float  # microns per pixel of the generated tiles (field of view = tile_px · mpp)
 

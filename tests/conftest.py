@@ -88,7 +88,9 @@ def shard_digests(output: Path) -> dict[str, str]:
     }
 
 
-def write_split(folder: Path, samples: list[tuple[str, dict[str, bytes]]], split: str, per_shard: int = 16) -> Path:
+def write_split(
+    folder: Path, samples: list[tuple[str, dict[str, bytes]]], split: str, per_shard: int = 16
+) -> Path:
     """Write samples (key, members) as a packed-style split with a manifest (for tests past `pack`)."""
     from cytosyn.manifest import SplitManifest, write_manifest
     from cytosyn.shardio import ShardWriter

@@ -122,7 +122,13 @@ def test_training_presets_validate():
         if cfg.optim.global_batch:
             assert cfg.optim.global_batch == cfg.images_per_step
     xl = load_config(TrainConfig, root / "train_sit_xl2.yaml")
-    assert (xl.model.preset, xl.optim.lr, xl.ema.decay, xl.repa.weight, xl.images_per_step) == ("SiT-XL/2", 1e-4, 0.9999, 0.5, 256)
+    assert (xl.model.preset, xl.optim.lr, xl.ema.decay, xl.repa.weight, xl.images_per_step) == (
+        "SiT-XL/2",
+        1e-4,
+        0.9999,
+        0.5,
+        256,
+    )
 
 
 def test_featurize_example_config_validates():

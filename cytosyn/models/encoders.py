@@ -224,7 +224,9 @@ def get_spec(name: str) -> EncoderSpec:
             mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
             std=tuple(cfg.get("std", IMAGENET_STD)),
         )
-    raise EncoderError(f"unknown encoder {name!r}; known: {', '.join(sorted(REGISTRY))}, or timm:<model name>")
+    raise EncoderError(
+        f"unknown encoder {name!r}; known: {', '.join(sorted(REGISTRY))}, or timm:<model name>"
+    )
 
 
 def build_architecture(spec: EncoderSpec) -> nn.Module:
@@ -232,7 +234,9 @@ def build_architecture(spec: EncoderSpec) -> nn.Module:
     import_torchvision()
     import timm
 
-    return timm.create_model(spec.timm_arch, pretrained=False, **spec.timm_kwargs, **_resolve(spec.layer_names))
+    return timm.create_model(
+        spec.timm_arch, pretrained=False, **spec.timm_kwargs, **_resolve(spec.layer_names)
+    )
 
 
 def _weights_file(path: Path) -> Path:
@@ -327,7 +331,9 @@ class TileEncoder(nn.Module):
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         size = self.spec.input_size
         if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode=self.spec.interpolation, antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(size, size), mode=self.spec.interpolation, antialias=True, align_corners=False
+            )
         return (x - self.mean) / self.std
 
     @torch.no_grad()

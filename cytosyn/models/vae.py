@@ -62,8 +62,12 @@ class VAESpec:
 VAE_REGISTRY: dict[str, VAESpec] = {
     spec.name: spec
     for spec in [
-        VAESpec("sd-vae-ft-ema", _SD_CONFIG, "stabilityai/sd-vae-ft-ema", scaling_factor=0.18215, licence="MIT"),
-        VAESpec("sd-vae-ft-mse", _SD_CONFIG, "stabilityai/sd-vae-ft-mse", scaling_factor=0.18215, licence="MIT"),
+        VAESpec(
+            "sd-vae-ft-ema", _SD_CONFIG, "stabilityai/sd-vae-ft-ema", scaling_factor=0.18215, licence="MIT"
+        ),
+        VAESpec(
+            "sd-vae-ft-mse", _SD_CONFIG, "stabilityai/sd-vae-ft-mse", scaling_factor=0.18215, licence="MIT"
+        ),
         VAESpec(
             "sd3.5-vae",
             _SD_CONFIG
@@ -127,7 +131,9 @@ class LatentVAE(nn.Module):
         x = self.to_model_range(images)
         f = self.spec.downsample
         if x.shape[-1] % f or x.shape[-2] % f:
-            raise VAEError(f"VAE {self.spec.name!r} needs image sides divisible by {f}, got {tuple(x.shape[-2:])}")
+            raise VAEError(
+                f"VAE {self.spec.name!r} needs image sides divisible by {f}, got {tuple(x.shape[-2:])}"
+            )
         posterior = self.vae.encode(x).latent_dist
         return torch.stack([posterior.mean, posterior.logvar], dim=1)
 
@@ -151,11 +157,15 @@ class LatentVAE(nn.Module):
 
 def get_vae_spec(name: str) -> VAESpec:
     if name not in VAE_REGISTRY:
-        raise VAEError(f"unknown VAE {name!r}; known: {', '.join(sorted(VAE_REGISTRY))} (or a local diffusers folder)")
+        raise VAEError(
+            f"unknown VAE {name!r}; known: {', '.join(sorted(VAE_REGISTRY))} (or a local diffusers folder)"
+        )
     return VAE_REGISTRY[name]
 
 
-def load_vae(name: str, weights: str | Path | None = None, *, random_init: bool = False, seed: int = 0) -> LatentVAE:
+def load_vae(
+    name: str, weights: str | Path | None = None, *, random_init: bool = False, seed: int = 0
+) -> LatentVAE:
     """A VAE by registry name, from a local diffusers folder, the hub, or (only if asked) random init."""
     import_torchvision()
     from diffusers import AutoencoderKL
@@ -169,11 +179,20 @@ def load_vae(name: str, weights: str | Path | None = None, *, random_init: bool 
     if weights is not None:
         path = Path(weights)
         if not path.exists():
-            raise VAEError(f"VAE weights path {path} does not exist (expected a diffusers folder with config.json)")
+            raise VAEError(
+                f"VAE weights path {path} does not exist (expected a diffusers folder with config.json)"
+            )
         try:
-            vae = AutoencoderKL.from_pretrained(str(path), subfolder=spec.subfolder if (path / (spec.subfolder or "")).is_dir() and spec.subfolder else None)
+            vae = AutoencoderKL.from_pretrained(
+                str(path),
+                subfolder=spec.subfolder
+                if (path / (spec.subfolder or "")).is_dir() and spec.subfolder
+                else None,
+            )
         except (OSError, ValueError) as err:
-            raise VAEError(f"VAE {name!r}: cannot load a diffusers AutoencoderKL from {path}: {err}") from None
+            raise VAEError(
+                f"VAE {name!r}: cannot load a diffusers AutoencoderKL from {path}: {err}"
+            ) from None
     else:
         if spec.hub_id is None:
             raise VAEError(f"VAE {name!r} has no hub weights; use random_init (tests) or a local folder")

@@ -316,7 +316,9 @@ class _Guided:
 
 
 @torch.no_grad()
-def _randn(shape: torch.Size, generator: torch.Generator | Sequence[torch.Generator] | None, device) -> torch.Tensor:
+def _randn(
+    shape: torch.Size, generator: torch.Generator | Sequence[torch.Generator] | None, device
+) -> torch.Tensor:
     """float64 standard normal noise; with one generator per batch row, row ``i`` comes from generator ``i``
     (drawn on that generator's device), so an image's trajectory does not depend on its batch-mates."""
     if isinstance(generator, (list, tuple)):

@@ -82,7 +82,9 @@ class ValidationConfig(StrictModel):
     sample_grid_every_n_steps: int = 0  # 0 disables; needs the VAE of the featurized split
     sample_grid_size: int = 8  # fixed conditions: the first tiles of the val split (train if none)
     sample_steps: int = 30  # Euler ODE steps, EMA weights, no guidance
-    vae_weights: Path | None = None  # local VAE folder for the grid (random-init VAEs are rebuilt from their seed)
+    vae_weights: Path | None = (
+        None  # local VAE folder for the grid (random-init VAEs are rebuilt from their seed)
+    )
 
 
 class LoggingConfig(StrictModel):

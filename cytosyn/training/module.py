@@ -388,7 +388,9 @@ class LatentDiffusionModule(L.LightningModule):
         real_latents, cond, vae = self._grid
         net = self.ema.module
         model, norm = net["model"], net["latent_norm"]
-        noise = torch.randn(real_latents.shape, generator=torch.Generator().manual_seed(v.seed)).to(self.device)
+        noise = torch.randn(real_latents.shape, generator=torch.Generator().manual_seed(v.seed)).to(
+            self.device
+        )
         x0 = sample(
             lambda x, t, c, u: model(x, t, c, uncond_mask=u),
             noise,
