@@ -146,3 +146,15 @@ def write_resolved_config(cfg: BaseModel, path: str | Path) -> Path:
     """Write the fully resolved config as YAML (atomically), so a run can be repeated from it."""
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     return atomic_write_text(Path(path), text)
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"i/N"`` → (i, N) with 0 ≤ i < N: this process's share of the work (``--part``, SLURM arrays)."""
+    try:
+        i_text, n_text = text.split("/")
+        i, n = int(i_text), int(n_text)
+    except ValueError:
+        raise ValueError(f"part must look like i/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"part {text!r}: need 0 ≤ i < N")
+    return i, n

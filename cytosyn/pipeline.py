@@ -670,26 +670,13 @@ class CytoSynPipeline:
     def vae(self):
         """The VAE (``cytosyn.models.vae.LatentVAE``), loaded on first use and checked against config.json."""
         if self._vae is None:
-            from cytosyn.models.vae import VAEError, load_vae
+            from cytosyn.models.vae import VAEError, load_vae_as_recorded
 
             info = self.config.get("vae") or {}
-            name, recorded = info.get("name"), info.get("weights") or ""
-            random = re.fullmatch(r"random-init:seed=(\d+)", recorded)
             try:
-                if random and self._vae_weights is None:
-                    log.warning(
-                        "VAE %s is RANDOM-initialised (as recorded): images are for testing only", name
-                    )
-                    vae = load_vae(name, random_init=True, seed=int(random.group(1)))
-                else:
-                    vae = load_vae(name, self._vae_weights)
+                vae = load_vae_as_recorded(info.get("name"), info.get("weights"), self._vae_weights)
             except VAEError as err:
                 raise PipelineError(f"cannot load the model's VAE: {err}") from None
-            if recorded and vae.weights_id != recorded:
-                raise PipelineError(
-                    f"VAE weights {vae.weights_id} differ from the ones this model was trained with ({recorded}); "
-                    f"pass the right vae_weights (a diffusers folder of {info.get('hub_id') or name})"
-                )
             self._vae = vae.to(self.device)
         return self._vae
 
@@ -697,26 +684,16 @@ class CytoSynPipeline:
     def encoder(self):
         """The conditioning encoder (``cytosyn.models.encoders.TileEncoder``), loaded on first use."""
         if self._encoder is None:
-            from cytosyn.models.encoders import EncoderError, load_encoder
+            from cytosyn.models.encoders import EncoderError, load_encoder_as_recorded
 
             info = self.config.get("conditioning") or {}
-            name, recorded = info.get("encoder"), info.get("weights") or ""
+            name = info.get("encoder")
             if name is None:
                 raise PipelineError("this model is unconditional: it has no conditioning encoder")
-            random = re.fullmatch(r"random-init:seed=(\d+)", recorded)
             try:
-                if random and self._encoder_weights is None:
-                    log.warning("encoder %s is RANDOM-initialised (as recorded): for testing only", name)
-                    enc = load_encoder(name, random_init=True, seed=int(random.group(1)))
-                else:
-                    enc = load_encoder(name, self._encoder_weights)
+                enc = load_encoder_as_recorded(name, info.get("weights"), self._encoder_weights)
             except EncoderError as err:
                 raise PipelineError(f"cannot load the conditioning encoder: {err}") from None
-            if recorded and enc.weights_id != recorded:
-                raise PipelineError(
-                    f"encoder {name} weights {enc.weights_id} differ from the ones the training data was "
-                    f"embedded with ({recorded}); pass the right encoder_weights"
-                )
             self._encoder = enc.to(self.device)
         return self._encoder
 

@@ -36,7 +36,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from cytosyn.config import ConfigError, StrictModel, config_differences, config_hash, write_resolved_config
+from cytosyn.config import (
+    ConfigError,
+    StrictModel,
+    config_differences,
+    config_hash,
+    parse_part,
+    write_resolved_config,
+)
 from cytosyn.data_prep.codec import CodecConfig, TileEncoder
 from cytosyn.fileio import atomic_write_bytes, atomic_write_text, code_version, sha256_file
 from cytosyn.manifest import ManifestError, SplitManifest, read_manifest, write_manifest
@@ -66,16 +73,6 @@ class SampleError(RuntimeError):
     """A sampling run that cannot go on; the message says which input or setting is at fault."""
 
 
-def parse_part(text: str) -> tuple[int, int]:
-    """``"i/N"`` → (i, N) with 0 ≤ i < N."""
-    try:
-        i_text, n_text = text.split("/")
-        i, n = int(i_text), int(n_text)
-    except ValueError:
-        raise ValueError(f"part must look like i/N (e.g. 0/4), got {text!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"part {text!r}: need 0 ≤ i < N")
-    return i, n
 
 
 class SamplerSettings(StrictModel):

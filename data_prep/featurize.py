@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 from cytosyn.data_prep.featurize_config import FeaturizeConfig
-from cytosyn.data_prep.tile_config import parse_part
 from PIL import Image
 from tqdm import tqdm
 
-from cytosyn.config import config_hash, write_resolved_config
+from cytosyn.config import config_hash, parse_part, write_resolved_config
 from cytosyn.fileio import atomic_write_text, code_version
 from cytosyn.formats import IMAGE_EXTENSIONS
 from cytosyn.manifest import FeatureEntry, ManifestError, ShardEntry, read_manifest, write_manifest

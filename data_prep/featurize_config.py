@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from cytosyn.data_prep.tile_config import parse_part
 from pydantic import Field, field_validator
 
-from cytosyn.config import StrictModel
+from cytosyn.config import StrictModel, parse_part
 
 
 class FeatureEncoderConfig(StrictModel):

@@ -10,7 +10,7 @@ from cytosyn.data_prep.slide import SLIDE_EXTENSIONS
 from cytosyn.data_prep.tissue import TissueConfig
 from pydantic import Field, field_validator
 
-from cytosyn.config import StrictModel
+from cytosyn.config import StrictModel, parse_part
 
 
 class SlidesConfig(StrictModel):
@@ -80,13 +80,3 @@ class TileConfig(StrictModel):
         }
 
 
-def parse_part(text: str) -> tuple[int, int]:
-    """``"i/N"`` → (i, N) with 0 ≤ i < N."""
-    try:
-        i_text, n_text = text.split("/")
-        i, n = int(i_text), int(n_text)
-    except ValueError:
-        raise ValueError(f"part must look like i/N (e.g. 0/4), got {text!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"part {text!r}: need 0 ≤ i < N")
-    return i, n

@@ -50,12 +50,12 @@ from cytosyn.data_prep.slide import (
     read_rgb,
     resolve_resolution,
 )
-from cytosyn.data_prep.tile_config import TileConfig, parse_part
+from cytosyn.data_prep.tile_config import TileConfig
 from cytosyn.data_prep.tissue import box_fractions, detect_tissue
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from cytosyn.config import config_hash, write_resolved_config
+from cytosyn.config import config_hash, parse_part, write_resolved_config
 from cytosyn.fileio import atomic_write_text, code_version, file_fingerprint
 from cytosyn.formats import (
     INCOMPLETE_DIR,

@@ -13,6 +13,8 @@ them can be swapped for an open encoder (DINOv2) by config.
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cytosyn.compat import import_torchvision
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -395,3 +399,26 @@ def load_encoder(
             f"({spec.timm_arch} {spec.timm_kwargs}): missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
         )
     return TileEncoder(spec, model, f"sha256:{sha256_state_dict(state)}")
+
+
+_RANDOM_INIT = re.compile(r"random-init:seed=(\d+)")
+
+
+def load_encoder_as_recorded(name: str, recorded: str | None, weights: str | Path | None = None) -> TileEncoder:
+    """The encoder a manifest, checkpoint or release recorded (``recorded`` = its ``weights_id``).
+
+    A random-initialised encoder (``random-init:seed=N``) is rebuilt from its seed unless ``weights`` are
+    given; otherwise the weights come from ``weights`` (or the hub) and must hash to the recorded value.
+    """
+    random = _RANDOM_INIT.fullmatch(recorded or "")
+    if random and weights is None:
+        log.warning("encoder %s is RANDOM-initialised (as recorded): for testing only", name)
+        encoder = load_encoder(name, random_init=True, seed=int(random.group(1)))
+    else:
+        encoder = load_encoder(name, weights)
+    if recorded and encoder.weights_id != recorded:
+        raise EncoderError(
+            f"encoder {name!r} weights {encoder.weights_id} differ from the recorded ones ({recorded}); "
+            f"pass the weights the data was embedded with"
+        )
+    return encoder

@@ -360,18 +360,13 @@ class LatentDiffusionModule(L.LightningModule):
 
     def _grid_vae(self):
         """The featurized split's VAE: rebuilt from its seed if random, else from validation.vae_weights."""
-        from cytosyn.models.vae import load_vae
+        from cytosyn.models.vae import VAEError, load_vae_as_recorded
 
-        vae_info = self.features["vae"]
-        weights = vae_info["weights"] or ""
-        if weights.startswith("random-init:seed="):
-            return load_vae(vae_info["model_id"], random_init=True, seed=int(weights.split("=")[1]))
-        vae = load_vae(vae_info["model_id"], self.cfg.validation.vae_weights)
-        if vae.weights_id != weights:
-            raise TrainingDataError(
-                f"the VAE for the sample grid ({vae.weights_id}) is not the one that made the latents ({weights})"
-            )
-        return vae
+        info = self.features["vae"]
+        try:
+            return load_vae_as_recorded(info["model_id"], info["weights"], self.cfg.validation.vae_weights)
+        except VAEError as err:
+            raise TrainingDataError(f"sample grid: {err}") from None
 
     @torch.no_grad()
     def write_sample_grid(self, path: Path) -> Path:
