@@ -27,16 +27,19 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """The dotted overrides plus one ``key=value`` per shorthand flag given (flag attribute → config key)."""
+    extra = [f"{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
+    return [*args.overrides, *extra]
+
+
 def _cmd_tile(args: argparse.Namespace) -> int:
     from cytosyn.data_prep.tile_config import TileConfig
     from cytosyn.data_prep.tiler import OutputError, run_tiling
 
-    overrides = list(args.overrides)
+    overrides = _overrides(args, {"output": "output", "workers": "run.workers", "part": "run.part"})
     if args.input:
         overrides.append(f"slides.input=[{','.join(repr(str(p)) for p in args.input)}]")
-    for flag, key in (("output", "output"), ("workers", "run.workers"), ("part", "run.part")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
     cfg = load_config(TileConfig, args.config, overrides)
     if not cfg.slides.input:
         raise ConfigError("no slides given: set slides.input in the config or pass --input")
@@ -57,9 +60,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         report = verify_dataset(args.verify)
         print(report.report())
         return EXIT_OK if report.ok else EXIT_ERROR
-    overrides = list(args.overrides)
-    if args.output is not None:
-        overrides.append(f"output={args.output}")
+    overrides = _overrides(args, {"output": "output"})
     cfg = load_config(PackConfig, args.config, overrides)
     summary = run_pack(cfg)
     print(summary.report())
@@ -70,10 +71,7 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
     from cytosyn.data_prep.featurize import FeaturizeError, run_featurize
     from cytosyn.data_prep.featurize_config import FeaturizeConfig
 
-    overrides = list(args.overrides)
-    for flag in ("input", "output", "part"):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{flag}={getattr(args, flag)}")
+    overrides = _overrides(args, {"input": "input", "output": "output", "part": "part"})
     cfg = load_config(FeaturizeConfig, args.config, overrides)
     try:
         summary = run_featurize(cfg)
@@ -106,10 +104,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from cytosyn.pipeline import PipelineError
     from cytosyn.sample import SampleConfig, SampleError, run_sample
 
-    overrides = list(args.overrides)
-    for flag in ("model", "split", "output", "part"):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{flag}={getattr(args, flag)}")
+    overrides = _overrides(args, {"model": "model", "split": "split", "output": "output", "part": "part"})
     cfg = load_config(SampleConfig, args.config, overrides)
     try:
         summary = run_sample(cfg)
@@ -124,10 +119,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
     from cytosyn.pipeline import PipelineError
     from cytosyn.release import ReleaseConfig, run_release_config
 
-    overrides = list(args.overrides)
-    for flag in ("checkpoint", "output", "eval_report"):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{flag}={getattr(args, flag)}")
+    overrides = _overrides(args, {"checkpoint": "checkpoint", "output": "output", "eval_report": "eval_report"})
     if args.overwrite:
         overrides.append("overwrite=true")
     cfg = load_config(ReleaseConfig, args.config, overrides)
@@ -143,9 +135,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from cytosyn.eval.run import EvalConfig, run_eval
 
-    overrides = list(args.overrides)
-    if args.output is not None:
-        overrides.append(f"output={args.output}")
+    overrides = _overrides(args, {"output": "output"})
     cfg = load_config(EvalConfig, args.config, overrides)
     out = run_eval(cfg)
     print(f"eval report: {out / 'report.md'}")
