@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,10 @@ def environment_block(cfg: LaunchConfig, spec: JobSpec, environ: Mapping[str, st
     threads = omp_threads(cfg.cpus_per_task, spec.num_workers)
     lines = [
         "# ---- environment (rendered by cytosyn launch; each setting says why) ----",
+        "# The Python environment `cytosyn launch` ran in, as a fallback at the END of PATH: `cytosyn` and",
+        "# `torchrun` resolve even when that environment is not activated in the job; what the job's own",
+        "# setup lines put on PATH still wins.",
+        f'export PATH="$PATH:{_q(Path(sys.executable).parent)}"',
         "# Python output reaches the log at once: the last lines before a preemption or a crash are kept.",
         "export PYTHONUNBUFFERED=1",
         "# A segfault or a fatal signal dumps every thread's Python stack into the log.",
