@@ -404,21 +404,31 @@ def load_encoder(
 _RANDOM_INIT = re.compile(r"random-init:seed=(\d+)")
 
 
-def load_encoder_as_recorded(name: str, recorded: str | None, weights: str | Path | None = None) -> TileEncoder:
-    """The encoder a manifest, checkpoint or release recorded (``recorded`` = its ``weights_id``).
+def load_as_recorded(
+    load, kind: str, name: str, recorded: str | None, weights, error: type[Exception], hint: str
+):
+    """Build a registry model (``load`` = :func:`load_encoder` or ``load_vae``) as a manifest, checkpoint or
+    release recorded it (``recorded`` = its ``weights_id``).
 
-    A random-initialised encoder (``random-init:seed=N``) is rebuilt from its seed unless ``weights`` are
+    A random-initialised model (``random-init:seed=N``) is rebuilt from its seed unless ``weights`` are
     given; otherwise the weights come from ``weights`` (or the hub) and must hash to the recorded value.
     """
     random = _RANDOM_INIT.fullmatch(recorded or "")
     if random and weights is None:
-        log.warning("encoder %s is RANDOM-initialised (as recorded): for testing only", name)
-        encoder = load_encoder(name, random_init=True, seed=int(random.group(1)))
+        log.warning("%s %s is RANDOM-initialised (as recorded): for testing only", kind, name)
+        model = load(name, random_init=True, seed=int(random.group(1)))
     else:
-        encoder = load_encoder(name, weights)
-    if recorded and encoder.weights_id != recorded:
-        raise EncoderError(
-            f"encoder {name!r} weights {encoder.weights_id} differ from the recorded ones ({recorded}); "
-            f"pass the weights the data was embedded with"
+        model = load(name, weights)
+    if recorded and model.weights_id != recorded:
+        raise error(
+            f"{kind} {name!r} weights {model.weights_id} differ from the recorded ones ({recorded}); {hint}"
         )
-    return encoder
+    return model
+
+
+def load_encoder_as_recorded(
+    name: str, recorded: str | None, weights: str | Path | None = None
+) -> TileEncoder:
+    """The encoder a manifest, checkpoint or release recorded (see :func:`load_as_recorded`)."""
+    hint = "pass the weights the data was embedded with"
+    return load_as_recorded(load_encoder, "encoder", name, recorded, weights, EncoderError, hint)

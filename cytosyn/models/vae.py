@@ -9,8 +9,6 @@ reference and for PixCell-style models that use them.
 
 from __future__ import annotations
 
-import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +17,7 @@ import torch
 from torch import nn
 
 from cytosyn.compat import import_torchvision
-from cytosyn.models.encoders import sha256_state_dict
-
-log = logging.getLogger(__name__)
+from cytosyn.models.encoders import load_as_recorded, sha256_state_dict
 
 
 class VAEError(RuntimeError):
@@ -215,24 +211,7 @@ def load_vae(
     return LatentVAE(spec, vae, f"sha256:{sha256_state_dict(vae.state_dict())}")
 
 
-_RANDOM_INIT = re.compile(r"random-init:seed=(\d+)")
-
-
 def load_vae_as_recorded(name: str, recorded: str | None, weights: str | Path | None = None) -> LatentVAE:
-    """The VAE a manifest, checkpoint or release recorded (``recorded`` = its ``weights_id``).
-
-    A random-initialised VAE (``random-init:seed=N``) is rebuilt from its seed unless ``weights`` are given;
-    otherwise the weights come from ``weights`` (or the hub) and must hash to the recorded value.
-    """
-    random = _RANDOM_INIT.fullmatch(recorded or "")
-    if random and weights is None:
-        log.warning("VAE %s is RANDOM-initialised (as recorded): images are for testing only", name)
-        vae = load_vae(name, random_init=True, seed=int(random.group(1)))
-    else:
-        vae = load_vae(name, weights)
-    if recorded and vae.weights_id != recorded:
-        raise VAEError(
-            f"VAE {name!r} weights {vae.weights_id} differ from the recorded ones ({recorded}); "
-            f"pass the diffusers folder of the VAE that made the latents"
-        )
-    return vae
+    """The VAE a manifest, checkpoint or release recorded (see :func:`cytosyn.models.encoders.load_as_recorded`)."""
+    hint = "pass the diffusers folder of the VAE that made the latents"
+    return load_as_recorded(load_vae, "VAE", name, recorded, weights, VAEError, hint)
