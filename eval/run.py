@@ -111,6 +111,7 @@ class EvalConfig(StrictModel):
     max_keep_mb: float = Field(default=4096, gt=0)
     cache_dir: Path | None = None  # reference features reused across runs (refused if made differently)
     grid_images: int = Field(default=8, ge=0)
+    progress: bool = True  # progress bars on stderr
     output: Path = Path("eval_out")
 
     @model_validator(mode="after")
@@ -195,6 +196,7 @@ def run_eval(cfg: EvalConfig) -> Path:
         max_keep_mb=cfg.max_keep_mb,
         cache_dir=cfg.cache_dir,
         keep_samples=cfg.grid_images,
+        progress=cfg.progress,
     )
     ctx = StudyContext(
         cfg=cfg,

@@ -87,7 +87,7 @@ def sweep_study(
     prov = generated_provenance(first, opts.generated_codec, ref.n, int(first.tile_px))
     codecs = check_before_generating(exts, prov, {"reference": ref})
     assert ref.image_set is not None
-    keys, emb, timings["embed_s"] = embed_reference(first, ref.image_set, opts.batch_size)
+    keys, emb, timings["embed_s"] = embed_reference(first, ref.image_set, opts.batch_size, opts.progress)
     cells = []
     notes: list[str] = []
     samples = {"reference": ref.samples} if ref.samples is not None else {}
