@@ -119,9 +119,7 @@ def write_report(
         "metrics": metrics or {},
         "jpeg_study": study,
         "provenance": provenance or {},
-        "heatmap": {"file": heatmap_name, "renderer": "PIL (matplotlib not installed)"}
-        if heatmap_name
-        else None,
+        "heatmap": {"file": heatmap_name, "renderer": "matplotlib"} if heatmap_name else None,
     }
     try:
         import torch

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from cytosyn.config import StrictModel, config_hash, config_to_dict, write_resolved_config
 from cytosyn.fileio import atomic_write_text
 
-from .figures import render_image_grid
+from .figures import has_random_weights, render_image_grid
 from .harness import HarnessOptions, StudyResult
 from .images import ImageSet
 from .report import _jsonable, fmt, write_report
@@ -345,5 +345,7 @@ def render_plots(folder: Path, result: StudyResult) -> dict[str, Path]:
     folder = Path(folder)
     plots = dict(get_study(result.study).plots(result, folder))
     if result.samples and any(len(v) for v in result.samples.values()):
-        plots["samples"] = render_image_grid(result.samples, folder / "samples.png")
+        plots["samples"] = render_image_grid(
+            result.samples, folder / "samples.png", random_weights=has_random_weights(result.generator)
+        )
     return plots
