@@ -142,7 +142,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"output": "output"})
     cfg = load_config(EvalConfig, args.config, overrides)
     out = run_eval(cfg)
-    print(f"eval report: {out / 'report.md'}")
+    print(
+        f"eval report: {out / 'report.html'} (markdown {out / 'report.md'}, numbers {out / 'metrics.json'})"
+    )
     return EXIT_OK
 
 

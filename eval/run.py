@@ -226,8 +226,33 @@ def aggregate(results: list[StudyResult]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _provenance_rows(cfg: EvalConfig, results: list[StudyResult]) -> dict[str, Any]:
+    """The report's provenance table: what made these numbers (config, generator weights, data, seeds)."""
+    d = results[0].to_dict(strict=False)
+    gen = d["generator"]
+    rows: dict[str, Any] = {
+        "study": results[0].study,
+        "config hash": config_hash(cfg),
+        "resolved config": RESOLVED_CONFIG_FILE,
+        "generator": f"{gen.get('name')} ({gen.get('kind', 'cytosyn')})",
+        "generator weights sha256": gen.get("weights_sha256") or gen.get("weights") or "—",
+        "generator source": gen.get("source"),
+        "random weights in the generator": "YES (a test stand-in)" if has_random_weights(gen) else "no",
+        "seeds": ", ".join(str(r.settings.get("seed")) for r in results),
+    }
+    for role, prov in d["references"].items():
+        rows[f"reference {role}"] = (
+            f"{prov.get('source')}: {prov.get('n_used', prov.get('count'))} tiles, codec {prov.get('codec_label')}, "
+            f"dataset {str(prov.get('dataset_hash') or prov.get('keys_sha256') or '?')[:16]}"
+        )
+    for name, e in d["extractors"].items():
+        rows[f"extractor {name}"] = f"{e['encoder']}, weights {e['metadata'].get('weights')}"
+    return rows
+
+
 def write_eval_report(folder: Path, cfg: EvalConfig, results: list[StudyResult]) -> dict[str, Path]:
-    """metrics.json + report.md through `write_report`, then the study's sections, plots and full results."""
+    """Plots, then metrics.json + report.md + report.html through `write_report` (the study's sections and
+    the provenance table included), then the full per-seed results into metrics.json."""
     folder = Path(folder)
     first = results[0]
     agg = aggregate(results)
@@ -242,10 +267,15 @@ def write_eval_report(folder: Path, cfg: EvalConfig, results: list[StudyResult])
         "references": first.references,
         "extractors": first.extractors,
     }
-    paths = write_report(
-        folder, metrics=headline, provenance=provenance, title=f"cytosyn evaluation: {first.study} study"
-    )
     plots = render_plots(folder, first)
+    paths = write_report(
+        folder,
+        metrics=headline,
+        provenance=provenance,
+        title=f"cytosyn evaluation: {first.study} study",
+        sections=[study_markdown(results, agg, plots)],
+        provenance_rows=_provenance_rows(cfg, results),
+    )
     paths.update(plots)
     doc = json.loads((folder / "metrics.json").read_text())
     doc["study"] = first.study
@@ -253,10 +283,8 @@ def write_eval_report(folder: Path, cfg: EvalConfig, results: list[StudyResult])
     doc["aggregate"] = agg
     doc["results"] = [r.to_dict() for r in results]
     doc["plots"] = {k: p.name for k, p in plots.items()}
+    doc["html"] = paths["html"].name
     atomic_write_text(folder / "metrics.json", json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n")
-    md = (folder / "report.md").read_text()
-    md += "\n" + study_markdown(results, agg, plots) + "\n"
-    paths["report"] = atomic_write_text(folder / "report.md", md)
     return paths
 
 

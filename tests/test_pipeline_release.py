@@ -163,6 +163,21 @@ def test_release_folder_contents(trained):
         "## Limitations",
     ):
         assert text in card, text
+    # hub metadata: the YAML header the hub reads
+    import yaml
+
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["license"] == "other" and meta["license_name"] == "unspecified"
+    assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "unconditional-image-generation"
+    results = meta["model-index"][0]["results"][0]
+    assert {m["name"]: m["value"] for m in results["metrics"]} == {"fid_inception": 123.4}
+    for text in (
+        "## Components",
+        "| autoencoder | `tiny-f8`",
+        "| conditioning encoder | `vit-tiny16`",
+        "DiffusionPipeline",
+    ):
+        assert text in card, text
     sums = (folder / "SHA256SUMS").read_text().split("\n")
     assert [line.split("  ")[1] for line in sums if line] == [n for n in LAYOUT if n != "SHA256SUMS"]
     index = json.loads((folder / "model_index.json").read_text())
