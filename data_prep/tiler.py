@@ -336,12 +336,16 @@ def plan_slide(job: SlideJob, cfg: TileConfig) -> SlidePlan:
     if cfg.run.overview:
         folder = slide_dir(cfg.output, source.slide_id) / INCOMPLETE_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        _write_overview(folder / OVERVIEW_FILE, overview, mask, xy0[keep], (rw, rh), mask_ds, source.slide_id, cfg)
+        _write_overview(
+            folder / OVERVIEW_FILE, overview, mask, xy0[keep], (rw, rh), mask_ds, source.slide_id, cfg
+        )
     plan.seconds = time.perf_counter() - t0
     return plan
 
 
-def _write_overview(path: Path, overview, mask, xy0, read_size, mask_ds, slide_id: str, cfg: TileConfig) -> None:
+def _write_overview(
+    path: Path, overview, mask, xy0, read_size, mask_ds, slide_id: str, cfg: TileConfig
+) -> None:
     """The overview with tissue tinted and every kept tile outlined, for a person to check (matplotlib,
     imported only here: see data_prep/overview.py)."""
     from cytosyn.data_prep.overview import write_overview

@@ -92,7 +92,7 @@ def write_html(folder: str | Path, markdown_text: str, title: str) -> Path:
 
     body = re.sub(r'<img alt="([^"]*)" src="([^"]+)"\s*/?>', inline, body)
     page = (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
     )
     return atomic_write_text(folder / HTML_FILE, page)
@@ -101,7 +101,9 @@ def write_html(folder: str | Path, markdown_text: str, title: str) -> Path:
 def provenance_markdown(rows: Mapping[str, Any]) -> str:
     """A "Provenance" table (what made these numbers: code, config, weights, data), one row per item."""
     out = ["## Provenance", ""]
-    out.append(table(["item", "value"], [[k, f"`{v}`" if v not in (None, "") else "—"] for k, v in rows.items()]))
+    out.append(
+        table(["item", "value"], [[k, f"`{v}`" if v not in (None, "") else "—"] for k, v in rows.items()])
+    )
     out.append("")
     return "\n".join(out)
 
