@@ -32,10 +32,18 @@ def new_figure(width_in: float, height_in: float, dpi: int = 100) -> Any:
     return fig
 
 
-def save_figure(fig: Any, path: str | Path, dpi: int | None = None) -> Path:
-    """PNG bytes of ``fig`` written atomically to ``path`` (no metadata: reproducible bytes)."""
+def save_figure(
+    fig: Any, path: str | Path, dpi: int | None = None, *, tight: bool = True, compress_level: int = 6
+) -> Path:
+    """PNG bytes of ``fig`` written atomically to ``path`` (no metadata: reproducible bytes).
+
+    ``tight`` crops to the drawn content (it renders the figure twice: hot paths lay the figure out
+    themselves and pass False); ``compress_level`` is zlib's (1: fast, for per-slide overviews)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None}, bbox_inches="tight", pad_inches=0.1)
+    extra = {"bbox_inches": "tight", "pad_inches": 0.1} if tight else {}
+    fig.savefig(
+        buf, format="png", dpi=dpi, metadata={"Software": None}, pil_kwargs={"compress_level": compress_level}, **extra
+    )
     return atomic_write_bytes(Path(path), buf.getvalue())
 
 

@@ -61,8 +61,10 @@ def write_overview(
         img[y0, x0 : x1 + 1] = img[y1, x0 : x1 + 1] = TILE_RGB
         img[y0 : y1 + 1, x0] = img[y0 : y1 + 1, x1] = TILE_RGB
     aspect = h / w
-    fig = new_figure(7.0, max(2.5, 7.0 * aspect) + 0.9)
-    ax = fig.add_subplot(1, 1, 1)
+    fig_w = 6.0
+    fig_h = fig_w * aspect + 0.45
+    fig = new_figure(fig_w, fig_h, dpi=100)
+    ax = fig.add_axes((0.01, 0.01, 0.98, 1 - 0.02 - 0.4 / fig_h))  # laid out by hand: no tight bbox pass
     ax.imshow(img, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -88,4 +90,4 @@ def write_overview(
         f"{slide_id}: {n} tiles of {tile_px} px at {tile_mpp:g} µm/px ({tile_px * tile_mpp:g} µm field of view)",
         fontsize=10,
     )
-    return save_figure(fig, path)
+    return save_figure(fig, path, tight=False, compress_level=1)
