@@ -393,10 +393,6 @@ def _vae_info(name: str | None, weights: str | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _json_text(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
-
-
 def write_release_files(
     folder: Path,
     config: Mapping[str, Any],
