@@ -409,12 +409,12 @@ def embed_reference(
     start = time.perf_counter()
     bar = tqdm(total=image_set.limit, unit="tile", desc="embed references", disable=not progress)
     for bkeys, batch, _ in image_set.batches(batch_size):
-        bar.update(len(bkeys))
         emb = torch.as_tensor(generator.embed(batch)).detach().float().cpu()
         if emb.shape[0] != len(bkeys):
             raise RuntimeError(f"{generator.name}.embed returned {emb.shape[0]} rows for {len(bkeys)} tiles")
         keys.extend(bkeys)
         parts.append(emb)
+        bar.update(len(bkeys))
     bar.close()
     return keys, torch.cat(parts), time.perf_counter() - start
 
