@@ -48,7 +48,7 @@ def save_figure(
 
 
 def stamp_random(fig: Any, text: str = RANDOM_STAMP) -> None:
-    """A large red diagonal stamp across the figure and a banner on top: random weights are visible."""
+    """A large red diagonal stamp across the figure and a banner under it: random weights are visible."""
     fig.text(
         0.5,
         0.5,
@@ -62,7 +62,7 @@ def stamp_random(fig: Any, text: str = RANDOM_STAMP) -> None:
         zorder=1000,
     )
     fig.text(
-        0.5, 0.995, text, color="white", backgroundcolor=(0.8, 0.1, 0.1), fontsize=10, ha="center", va="top"
+        0.5, 0.0, text, color="white", backgroundcolor=(0.8, 0.1, 0.1), fontsize=10, ha="center", va="top"
     )
 
 
@@ -103,7 +103,7 @@ def tile_grid(
             if r == 0 and column_labels is not None and c < len(column_labels):
                 ax.set_title(column_labels[c], fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=11, y=1.0 if not random_weights else 1.04)
+        fig.suptitle(title, fontsize=11, y=1.0)
     if random_weights:
         stamp_random(fig)
     return fig

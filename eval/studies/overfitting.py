@@ -291,7 +291,7 @@ def overfitting_figure(result: StudyResult) -> Any:
     """Per extractor: FD of the generated tiles against held-out vs training-patient tiles (95% CI bars)."""
     m = result.to_dict(strict=False)["metrics"]
     names = list(result.extractors)
-    fig = new_figure(3.2 * len(names) + 0.6, 3.4)
+    fig = new_figure(4.4 * len(names) + 0.6, 3.8)
     for p, name in enumerate(names):
         ax = fig.add_subplot(1, len(names), p + 1)
         cis = [m["comparisons"]["heldout"][name]["fd"], m["comparisons"]["train"][name]["fd"]]
@@ -306,7 +306,7 @@ def overfitting_figure(result: StudyResult) -> Any:
         ax.set_xlabel("reference tiles")
         ax.set_ylabel("Fréchet distance to generated tiles")
         gap = m["overfitting_gap"].get(name)
-        ax.set_title(f"{name}\ngap (held-out − train) {fmt_ci(gap)}" if gap else name, fontsize=9)
+        ax.set_title(f"{name}\ngap (held-out − train) {fmt_ci(gap)}" if gap else name, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Slide-level overfitting: FD with 95% bootstrap CI", fontsize=10)
     fig.tight_layout()
