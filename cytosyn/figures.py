@@ -42,7 +42,12 @@ def save_figure(
     buf = io.BytesIO()
     extra = {"bbox_inches": "tight", "pad_inches": 0.1} if tight else {}
     fig.savefig(
-        buf, format="png", dpi=dpi, metadata={"Software": None}, pil_kwargs={"compress_level": compress_level}, **extra
+        buf,
+        format="png",
+        dpi=dpi,
+        metadata={"Software": None},
+        pil_kwargs={"compress_level": compress_level},
+        **extra,
     )
     return atomic_write_bytes(Path(path), buf.getvalue())
 

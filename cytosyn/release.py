@@ -185,19 +185,11 @@ def read_eval_report(path: Path) -> dict[str, Any]:
 
 
 def _eval_intervals(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``fd/<extractor>/<reference>`` → {estimate, low, high} (95% bootstrap CI) from the first seed's result."""
-    out: dict[str, dict[str, Any]] = {}
-    results = doc.get("results") or []
-    metrics = (results[0].get("metrics") or {}) if results else {}
-    for ref, per_ext in (metrics.get("comparisons") or {}).items():
-        for ext, vals in per_ext.items():
-            fd = vals.get("fd")
-            if isinstance(fd, dict) and {"estimate", "low", "high"} <= set(fd):
-                out[f"fd/{ext}/{ref}"] = fd
-    for ext, gap in (metrics.get("overfitting_gap") or {}).items():
-        if isinstance(gap, dict):
-            out[f"fd_gap/{ext}"] = gap
-    return out
+    """metric → {estimate, low, high}: the 95% bootstrap CIs an eval report records (``intervals``)."""
+    intervals = doc.get("intervals") or {}
+    return {
+        k: v for k, v in intervals.items() if isinstance(v, dict) and {"estimate", "low", "high"} <= set(v)
+    }
 
 
 def _eval_provenance(doc: dict[str, Any]) -> dict[str, Any]:

@@ -108,9 +108,10 @@ def provenance_markdown(rows: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _metrics_markdown(metrics: Mapping[str, Any]) -> str:
+def _metrics_markdown(metrics: Mapping[str, Any], intervals: Mapping[str, Any] | None = None) -> str:
     out = ["## Metrics", ""]
     rows = []
+    intervals = intervals or {}
     for name, value in metrics.items():
         if isinstance(value, Mapping):
             text = ", ".join(f"{k} {fmt(v) if isinstance(v, (int, float)) else v}" for k, v in value.items())
@@ -118,8 +119,8 @@ def _metrics_markdown(metrics: Mapping[str, Any]) -> str:
             text = fmt(float(value))
         else:
             text = str(value)
-        rows.append([f"`{name}`", text])
-    out.append(table(["metric", "value"], rows))
+        rows.append([f"`{name}`", text] + ([fmt_ci(intervals.get(name))] if intervals else []))
+    out.append(table(["metric", "value", *(["95% bootstrap CI (seed 1)"] if intervals else [])], rows))
     out.append("")
     return "\n".join(out)
 
@@ -151,13 +152,16 @@ def write_report(
     title: str = "cytosyn evaluation report",
     sections: list[str] | None = None,
     provenance_rows: Mapping[str, Any] | None = None,
+    intervals: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``report.md`` and (with a JPEG study) ``jpeg_grid.png`` into ``folder``.
 
     ``jpeg_study``: a `JpegStudyResult` or its ``to_dict()``. ``metrics``: any extra named numbers (FD/KID/PRDC results, NamedTuples are fine). ``provenance``:
     anything else to record (configs, checkpoints, image-set provenance). ``sections``: more markdown
     (a study's own sections and figures), placed before the provenance table; ``provenance_rows``: more
-    rows for that table. Also writes ``report.html`` (figures inlined). Returns the written paths.
+    rows for that table; ``intervals``: metric name → CI (``{estimate, low, high}``), a column of the
+    metrics table and ``intervals`` in metrics.json. Also writes ``report.html`` (figures inlined).
+    Returns the written paths.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -179,6 +183,7 @@ def write_report(
             "cytosyn_code_version": code_version(),
         },
         "metrics": metrics or {},
+        "intervals": intervals or {},
         "jpeg_study": study,
         "provenance": provenance or {},
         "heatmap": {"file": heatmap_name, "renderer": "matplotlib"} if heatmap_name else None,
@@ -193,7 +198,7 @@ def write_report(
     paths["metrics"] = atomic_write_text(folder / "metrics.json", text)
     md = [f"# {title}", "", f"Created {doc['created']}. All numbers and full provenance: `metrics.json`.", ""]
     if metrics:
-        md.append(_metrics_markdown(metrics))
+        md.append(_metrics_markdown(metrics, intervals))
     if study is not None:
         md.append(jpeg_markdown(study, heatmap_name))
     md.extend(sections or [])

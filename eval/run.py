@@ -226,6 +226,28 @@ def aggregate(results: list[StudyResult]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def headline_intervals(result: StudyResult) -> dict[str, Any]:
+    """95% bootstrap CIs of the headline numbers that have one (FD per reference, the overfitting gap,
+    conditional fidelity, the memorisation fraction), under the headline's keys."""
+    m = result.to_dict(strict=False)["metrics"]
+    out: dict[str, Any] = {}
+    for ref, per_ext in (m.get("comparisons") or {}).items():
+        for ext, vals in per_ext.items():
+            out[f"fd/{ext}/{ref}"] = vals["fd"]
+    for ext, gap in (m.get("overfitting_gap") or {}).items():
+        out[f"fd_gap/{ext}"] = gap
+    fid = m.get("conditional_fidelity") or {}
+    if fid.get("estimate") is not None:
+        out[f"conditional_fidelity/{fid['extractor']}"] = fid["estimate"]
+    mem = m.get("memorisation")
+    if mem:
+        out["memorisation/fraction_closer_to_train"] = mem["fraction_closer_to_train"]
+    for cell in m.get("cells") or []:
+        for ext, ci in cell["fd"].items():
+            out[f"fd/{ext}/steps={cell['steps']},g={cell['guidance_scale']}"] = ci
+    return out
+
+
 def _provenance_rows(cfg: EvalConfig, results: list[StudyResult]) -> dict[str, Any]:
     """The report's provenance table: what made these numbers (config, generator weights, data, seeds)."""
     d = results[0].to_dict(strict=False)
@@ -275,6 +297,7 @@ def write_eval_report(folder: Path, cfg: EvalConfig, results: list[StudyResult])
         title=f"cytosyn evaluation: {first.study} study",
         sections=[study_markdown(results, agg, plots)],
         provenance_rows=_provenance_rows(cfg, results),
+        intervals=headline_intervals(first),
     )
     paths.update(plots)
     doc = json.loads((folder / "metrics.json").read_text())

@@ -105,6 +105,7 @@ def trained(tmp_path_factory, fixture_slide) -> dict[str, Path]:
                 "format": "cytosyn.eval-report/1",
                 "title": "tiny eval",
                 "metrics": {"fid_inception": 123.4, "fd_uni2-h": {"estimate": 5.0, "low": 4.5, "high": 5.5}},
+                "intervals": {"fid_inception": {"estimate": 123.4, "low": 120.0, "high": 126.0}},
             }
         )
     )
