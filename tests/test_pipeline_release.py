@@ -172,6 +172,7 @@ def test_release_folder_contents(trained):
     assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "unconditional-image-generation"
     results = meta["model-index"][0]["results"][0]
     assert {m["name"]: m["value"] for m in results["metrics"]} == {"fid_inception": 123.4}
+    assert "| `fid_inception` | 123.4 | 123.4 [120, 126] |" in card  # the CI column
     for text in (
         "## Components",
         "| autoencoder | `tiny-f8`",
