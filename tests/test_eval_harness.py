@@ -352,10 +352,8 @@ def test_run_eval_pixcell_overfitting_report(data, tiny_pixcell, tmp_path):
     assert res["extractors"]["vit-tiny16"]["is_conditioning_encoder"] is False
     assert "fd/vit-tiny16/heldout" in doc["metrics"] and "fd_gap/vit-tiny16" in doc["metrics"]
     ci = doc["intervals"]["fd/vit-tiny16/heldout"]
-    assert (
-        ci["low"] <= ci["estimate"] <= ci["high"]
-        and ci["estimate"] == doc["metrics"]["fd/vit-tiny16/heldout"]
-    )
+    # a percentile bootstrap of a biased statistic need not contain the point estimate: only order is checked
+    assert ci["low"] <= ci["high"] and ci["estimate"] == doc["metrics"]["fd/vit-tiny16/heldout"]
     assert "95% bootstrap CI" in (out / "report.md").read_text()
     for name in ("report.md", "eval_config.yaml", "overfitting_fd.png", "memorisation.png", "samples.png"):
         assert (out / name).is_file(), name
