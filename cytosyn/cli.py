@@ -52,6 +52,20 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if summary.failed else EXIT_OK
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from cytosyn.data_prep.ingest import run_ingest
+    from cytosyn.data_prep.ingest_config import IngestConfig
+
+    overrides = _overrides(args, {"output": "output"})
+    if args.folders:
+        overrides.append(f"inputs.folders=[{','.join(repr(str(p)) for p in args.folders)}]")
+    if args.csv:
+        overrides.append(f"inputs.csv=[{','.join(repr(str(p)) for p in args.csv)}]")
+    summary = run_ingest(load_config(IngestConfig, args.config, overrides))
+    print(summary.report())
+    return EXIT_OK
+
+
 def _cmd_pack(args: argparse.Namespace) -> int:
     from cytosyn.data_prep.pack import run_pack, verify_dataset
     from cytosyn.data_prep.pack_config import PackConfig
@@ -119,7 +133,9 @@ def _cmd_release(args: argparse.Namespace) -> int:
     from cytosyn.pipeline import PipelineError
     from cytosyn.release import ReleaseConfig, run_release_config
 
-    overrides = _overrides(args, {"checkpoint": "checkpoint", "output": "output", "eval_report": "eval_report"})
+    overrides = _overrides(
+        args, {"checkpoint": "checkpoint", "output": "output", "eval_report": "eval_report"}
+    )
     if args.overwrite:
         overrides.append("overwrite=true")
     cfg = load_config(ReleaseConfig, args.config, overrides)
@@ -160,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     tile.add_argument("--workers", type=int, help="worker processes (run.workers)")
     tile.add_argument("--part", help="i/N: take every N-th slide starting at i (SLURM arrays)")
     tile.set_defaults(func=_cmd_tile)
+
+    ingest = verbs.add_parser(
+        "ingest", help="tile datasets (class folders or a CSV) → tile shards with labels"
+    )
+    _add_config_args(ingest)
+    ingest.add_argument("--folders", nargs="+", type=Path, help="class folders: <folder>/<label>/<image>")
+    ingest.add_argument("--csv", nargs="+", type=Path, help="CSV: path,label,patient_id,slide_id,site,mpp")
+    ingest.add_argument("--output", type=Path, help="output folder (shorthand for output=...)")
+    ingest.set_defaults(func=_cmd_ingest)
 
     pack = verbs.add_parser("pack", help="per-slide shards → patient-level split datasets with manifests")
     _add_config_args(pack)
