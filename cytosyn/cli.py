@@ -159,9 +159,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from cytosyn.demo import run_demo
+    from cytosyn.demo import DEFAULT_TRAIN_STEPS, run_demo
 
-    return run_demo(args.output, workers=args.workers, train_steps=args.train_steps)
+    steps = args.train_steps if args.train_steps is not None else DEFAULT_TRAIN_STEPS
+    return run_demo(args.output, workers=args.workers, train_steps=steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="a tiny end-to-end run on bundled data")
     demo.add_argument("--output", type=Path, default=Path("demo_out"), help="demo folder (default demo_out)")
     demo.add_argument("--workers", type=int, default=1)
-    demo.add_argument("--train-steps", type=int, default=100, help="training steps of the tiny model")
+    demo.add_argument("--train-steps", type=int, default=None, help="training steps of the demo model")
     demo.set_defaults(func=_cmd_demo)
     return parser
 
