@@ -12,7 +12,7 @@ Inception) against the held-out tiles. Measured in the same run, with the same h
 FID should fall from the untrained value toward the references as training proceeds. Prints the curve,
 saves ``learning.json``, ``learning.png`` (matplotlib) and a sample grid per point.
 
-    python benchmarks/learning.py --output bench_learning --points 0 150 400 800 1200
+    python benchmarks/learning.py --output bench_learning --points 0 50 150 400
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _pipeline_at(run_dir: Path, untrained: bool) -> CytoSynPipeline:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("bench_learning"))
-    parser.add_argument("--points", type=int, nargs="+", default=[0, 150, 400, 800, 1200])
+    parser.add_argument("--points", type=int, nargs="+", default=[0, 50, 150, 400])
     parser.add_argument("--n", type=int, default=24, help="generated tiles per point and mode")
     args = parser.parse_args()
     out: Path = args.output
@@ -82,13 +82,13 @@ def main() -> None:
         cfg = load_config(
             TrainConfig,
             preset,
-            [f"run_dir={out / 'run'}", f"data.train={out / 'features' / 'train'}",
+            [f"run_dir={out / 'learning_run'}", f"data.train={out / 'features' / 'train'}",
              f"data.val={out / 'features' / 'val'}", f"trainer.max_steps={max(step, 1)}",
              f"validation.every_n_steps={max(step, 1)}"],
         )  # fmt: skip
         run_training(cfg)  # resumes from the previous point's checkpoint
         train_s = time.perf_counter() - seg
-        pipe = _pipeline_at(out / "run", untrained=step == 0)
+        pipe = _pipeline_at(out / "learning_run", untrained=step == 0)
         cond = pipe.generate(emb[idx], sampler=SAMPLER | {"guidance_scale": 1.0}, seed=0)
         uncond = pipe.generate(None, num_images=args.n, sampler=SAMPLER | {"guidance_scale": 1.0}, seed=1)
         row = {

@@ -32,7 +32,7 @@ from cytosyn.config import build_config
 STEPS = 7
 DEMO_ENCODER = {"name": "fid-inception-v3", "outputs": ["cls"]}
 DEMO_VAE = {"name": "taef2"}
-DEFAULT_TRAIN_STEPS = 1200
+DEFAULT_TRAIN_STEPS = 400
 STATEMENT = (
     "REAL: tissue (CMU-1 skin slide crop; CRC-VAL-HE-7K / NCT-CRC-HE-100K colorectal tiles, CC BY 4.0), "
     "the TAEF2 autoencoder (pretrained, shipped) and the FID Inception (pretrained; conditions the model as a "
