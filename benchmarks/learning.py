@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("bench_learning"))
     parser.add_argument("--points", type=int, nargs="+", default=[0, 50, 150, 400])
-    parser.add_argument("--n", type=int, default=24, help="generated tiles per point and mode")
+    parser.add_argument("--n", type=int, default=16, help="generated tiles per point and mode")
     args = parser.parse_args()
     out: Path = args.output
     t0 = time.perf_counter()
@@ -67,7 +67,7 @@ def main() -> None:
     inception = load_fid_inception(fid_helper_weights())
     heldout, emb, _ = _heldout(out)
     held = inception_stats(heldout, inception)
-    train = _train_tiles(out, 10_000)
+    train = _train_tiles(out, args.n)  # the same n as each generated set: FID is biased by n
     refs = reference_fids(train, heldout, load_vae("taef2"), inception, held)
     print(
         f"references (same held-out tiles, n={len(heldout)}): copy {refs['copy']:.1f}, "

@@ -221,8 +221,8 @@ def _release(output: Path, run_dir: Path) -> Path:
 # 6-7: samples and evaluation
 # --------------------------------------------------------------------------------------------------
 
-SAMPLER = {"method": "heun", "steps": 25}
-N_IMAGES = 24
+SAMPLER = {"method": "heun", "steps": 12}
+N_IMAGES = 16
 
 
 def _heldout(output: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
