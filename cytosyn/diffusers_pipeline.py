@@ -379,13 +379,13 @@ def wrap_vae(vae: Any, recorded: Mapping[str, Any]) -> Any:
     """A VAE component (a diffusers ``AutoencoderKL`` or a cytosyn ``LatentVAE``) as a ``LatentVAE``,
     refused when its weights differ from the recorded hash (the bundled one, else the recorded one)."""
     from cytosyn.models.encoders import sha256_state_dict
-    from cytosyn.models.vae import LatentVAE, get_vae_spec
+    from cytosyn.models.vae import DiffusersVAE, LatentVAE, TinyVAE, get_vae_spec
     from cytosyn.pipeline import PipelineError
 
     if not isinstance(vae, LatentVAE):
-        vae = LatentVAE(
-            get_vae_spec(recorded.get("name") or ""), vae, f"sha256:{sha256_state_dict(vae.state_dict())}"
-        )
+        spec = get_vae_spec(recorded.get("name") or "")
+        wrapper = TinyVAE if spec.kind == "taesd" else DiffusersVAE
+        vae = wrapper(spec, vae, f"sha256:{sha256_state_dict(vae.state_dict())}")
     expected = (recorded.get("bundled") or {}).get("weights") or recorded.get("weights")
     if expected and not str(expected).startswith("random-init") and vae.weights_id != expected:
         raise PipelineError(

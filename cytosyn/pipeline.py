@@ -655,6 +655,11 @@ class CytoSynPipeline:
         if not bundle_vae:
             config["vae"] = {k: v for k, v in (config.get("vae") or {}).items() if k != "bundled"}
         vae = self.vae if bundle_vae else None
+        if vae is not None and vae.spec.kind != "diffusers-kl":
+            raise PipelineError(
+                f"bundle_vae: only a diffusers AutoencoderKL can be bundled under vae/; {vae.spec.name} "
+                f"({vae.spec.kind}) ships with cytosyn and is referenced by name instead"
+            )
         return write_release_files(Path(folder), config, self.state_dict(), card, vae=vae)
 
     # ---- identity ------------------------------------------------------------------------------------
@@ -740,6 +745,9 @@ class CytoSynPipeline:
         from cytosyn.models.vae import VAEError, check_vae_matches
 
         info = dict(self.config.get("vae") or {})
+        bundled = info.pop("bundled", None)
+        if bundled and getattr(vae, "weights_id", None) == bundled.get("weights"):
+            info["weights"] = bundled["weights"]  # the release's vae/ copy, hashed when bundled from info["weights"]
         info.setdefault("latent_channels", self.config["latent"]["channels"])
         if int(info["latent_channels"]) != int(self.config["latent"]["channels"]):
             raise PipelineError(
