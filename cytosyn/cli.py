@@ -119,7 +119,9 @@ def _cmd_release(args: argparse.Namespace) -> int:
     from cytosyn.pipeline import PipelineError
     from cytosyn.release import ReleaseConfig, run_release_config
 
-    overrides = _overrides(args, {"checkpoint": "checkpoint", "output": "output", "eval_report": "eval_report"})
+    overrides = _overrides(
+        args, {"checkpoint": "checkpoint", "output": "output", "eval_report": "eval_report"}
+    )
     if args.overwrite:
         overrides.append("overwrite=true")
     cfg = load_config(ReleaseConfig, args.config, overrides)

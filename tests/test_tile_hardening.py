@@ -40,11 +40,15 @@ def _slide(path: Path, size: int, mpp: float | None = 0.5, seed: int = 0, **kwar
 
 
 def _reread(slide_path: Path, meta: dict) -> np.ndarray:
+    """The documented re-read: read_region at the JSON's corner, composite over its background colour
+    (OpenSlide leaves pixels partly transparent where it interpolates across its own tile seams)."""
     with openslide.OpenSlide(str(slide_path)) as slide:
         region = np.asarray(
             slide.read_region((meta["x"], meta["y"]), meta["level"], tuple(meta["level_size"]))
         )
-    image = Image.fromarray(np.ascontiguousarray(region[..., :3]))
+    a = region[..., 3:].astype(np.float32) / 255.0
+    rgb = region[..., :3].astype(np.float32) * a + (1.0 - a) * np.asarray(meta["background"], np.float32)
+    image = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
     if meta["resample"] != "none":
         method = {"box": Image.Resampling.BOX, "bicubic": Image.Resampling.BICUBIC}[meta["resample"]]
         image = image.resize((meta["tile_px"], meta["tile_px"]), method)
@@ -241,9 +245,10 @@ def test_same_file_name_from_another_folder_does_not_replace_the_first_slide(tmp
     )
     assert shard_digests(out) == before
     assert (slide_dir(out, "S") / "state.json").read_text() == state_before
-    # The same file moved to another folder is the same slide: skipped, not refused.
-    moved = tmp_path / "moved"
-    moved.mkdir()
+    # The same file moved to another place is the same slide: skipped, not refused (the parent folder
+    # keeps its name: it is the project).
+    moved = tmp_path / "moved" / "a"
+    moved.mkdir(parents=True)
     shutil.copy(a / "S.tiff", moved / "S.tiff")
     again = run_tile([moved], out)
     assert again.skipped == 1 and again.failed == 0
