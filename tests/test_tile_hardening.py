@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
-from conftest import read_slide_tiles, run_tile, shard_digests, tile_config
+from conftest import read_slide_tiles, run_tile, shard_digests
 from cytosyn.data_prep.codec import CodecConfig, TileEncoder
 from cytosyn.data_prep.slide import read_mpp_overrides
 from cytosyn.data_prep.synthetic import Shape, write_synthetic_slide
