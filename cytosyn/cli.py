@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cytosyn.config import ConfigError, load_config
+from cytosyn.fileio import is_storage_error
 
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_OUTPUT = 0, 1, 3, 4
 
@@ -249,6 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"cytosyn {args.verb}: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as err:
+        if not is_storage_error(err):
+            raise
+        # Finished work is kept (shards are complete or absent, manifests last): the same command
+        # continues once there is room.
+        print(f"cytosyn {args.verb}: cannot write the output: {err}", file=sys.stderr)
+        return EXIT_OUTPUT
     except (FileNotFoundError, ValueError) as err:
         print(f"cytosyn {args.verb}: error: {err}", file=sys.stderr)
         return EXIT_ERROR

@@ -293,6 +293,15 @@ def split_member_name(name: str) -> tuple[str, str]:
 Sample = tuple[str, list[tuple[str, bytes]]]  # key, [(member name, bytes)] in tar order
 
 
+def _check_end_marker(path: Path, offset: int) -> None:
+    """A tar ends with two zero blocks; tarfile's stream reader takes a header cut short for the end, so
+    a shard truncated between members would otherwise read as a shorter, valid one."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.read(1024) != bytes(1024):
+            raise tarfile.ReadError(f"no end-of-archive marker after byte {offset}")
+
+
 def iter_shard_samples(path: Path) -> Iterator[tuple[Sample, HashingReader]]:
     """Yield the samples of a webdataset tar in order, reading it once; the reader holds the running hash.
 
@@ -327,7 +336,9 @@ def iter_shard_samples(path: Path) -> Iterator[tuple[Sample, HashingReader]]:
                         seen.add(key)
                         current_key, members = key, []
                     members.append((ext, data))
+                end = tar.offset
             reader.drain()
+            _check_end_marker(path, end)
         except (tarfile.TarError, EOFError) as err:
             raise ShardReadError(f"{path} is truncated or not a valid tar: {err}") from None
         if current_key is not None:

@@ -27,7 +27,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ from cytosyn.formats import (
 )
 from cytosyn.identity import SlideIdentity, TableRow, read_slide_table, resolve_identity
 from cytosyn.shardio import ShardWriter
+from cytosyn.workers import worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -763,7 +764,7 @@ def run_tiling(cfg: TileConfig) -> TilingSummary:
         # and no inherited OpenSlide handles or threads from this process).
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["cytosyn.data_prep.tiler"])
-        executor = ProcessPoolExecutor(workers, mp_context=context)
+        executor = worker_pool(workers, context)
     bar = tqdm(total=len(todo), unit="slide", desc="tile", disable=not cfg.run.progress, dynamic_ncols=True)
     pending = deque(todo)
     bands: deque[BandTask] = deque()
