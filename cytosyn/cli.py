@@ -13,10 +13,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from cytosyn.config import ConfigError, load_config
 from cytosyn.fileio import is_storage_error
+from cytosyn.parts import part_record
 
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_OUTPUT = 0, 1, 3, 4
 
@@ -44,11 +46,14 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     cfg = load_config(TileConfig, args.config, overrides)
     if not cfg.slides.input:
         raise ConfigError("no slides given: set slides.input in the config or pass --input")
-    try:
-        summary = run_tiling(cfg)
-    except OutputError as err:
-        logging.getLogger("cytosyn").error("%s", err)
-        return EXIT_OUTPUT
+    with part_record(cfg.output, "tile", cfg.run.part) as record:
+        try:
+            summary = run_tiling(cfg)
+        except OutputError as err:
+            logging.getLogger("cytosyn").error("%s", err)
+            record.update(status="failed", error_type="OutputError", error=str(err))
+            return EXIT_OUTPUT
+        record.update(**summary.as_dict())
     print(summary.report())
     return EXIT_PARTIAL if summary.failed else EXIT_OK
 
@@ -74,11 +79,14 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args, {"input": "input", "output": "output", "part": "part"})
     cfg = load_config(FeaturizeConfig, args.config, overrides)
-    try:
-        summary = run_featurize(cfg)
-    except FeaturizeError as err:
-        print(f"cytosyn featurize: {err}", file=sys.stderr)
-        return EXIT_ERROR
+    with part_record(cfg.output, "featurize", cfg.part) as record:
+        try:
+            summary = run_featurize(cfg)
+        except FeaturizeError as err:
+            print(f"cytosyn featurize: {err}", file=sys.stderr)
+            record.update(status="failed", error_type="FeaturizeError", error=str(err))
+            return EXIT_ERROR
+        record.update(**asdict(summary))
     print(summary.report())
     return EXIT_OK
 
@@ -107,11 +115,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args, {"model": "model", "split": "split", "output": "output", "part": "part"})
     cfg = load_config(SampleConfig, args.config, overrides)
-    try:
-        summary = run_sample(cfg)
-    except (SampleError, PipelineError) as err:
-        print(f"cytosyn sample: {err}", file=sys.stderr)
-        return EXIT_ERROR
+    with part_record(cfg.output, "sample", cfg.part) as record:
+        try:
+            summary = run_sample(cfg)
+        except (SampleError, PipelineError) as err:
+            print(f"cytosyn sample: {err}", file=sys.stderr)
+            record.update(status="failed", error_type=type(err).__name__, error=str(err))
+            return EXIT_ERROR
+        record.update(shards_done=summary.done, shards_skipped=summary.skipped, images=summary.images)
     print(summary.report())
     return EXIT_OK
 
@@ -143,6 +154,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = run_eval(cfg)
     print(f"eval report: {out / 'report.md'}")
     return EXIT_OK
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    """Training job (``cytosyn launch --config train.yaml``) or a data stage's array
+    (``cytosyn launch tile|featurize|sample --config X.yaml --parts N``)."""
+    from cytosyn.launch.arrays import STAGES, cmd_array
+    from cytosyn.launch.launch import cmd_launch
+
+    if args.overrides and args.overrides[0] in STAGES:
+        return cmd_array(args, args.overrides[0], args.overrides[1:])
+    if args.parts is not None or args.submit or args.max_concurrent is not None:
+        raise ConfigError(f"--parts/--submit/--max-concurrent are for the data stages ({', '.join(STAGES)})")
+    return cmd_launch(args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from cytosyn.launch.array_status import folder_stage, status_text
+    from cytosyn.launch.launch import cmd_status
+
+    if args.run_dir.is_dir() and folder_stage(args.run_dir) is not None:
+        print(status_text(args.run_dir))
+        return EXIT_OK
+    return cmd_status(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -219,17 +253,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", type=Path, help="report folder (shorthand for output=...)")
     ev.set_defaults(func=_cmd_eval)
 
-    from cytosyn.launch.launch import add_launch_arguments, cmd_launch, cmd_status
+    from cytosyn.launch.arrays import add_array_arguments
+    from cytosyn.launch.launch import add_launch_arguments
 
     launch = verbs.add_parser(
-        "launch", help="render and submit a multi-node training job (SLURM or torchrun)"
+        "launch",
+        help="render and submit a multi-node training job (SLURM or torchrun), or a SLURM array of "
+        "tile / featurize / sample parts (cytosyn launch tile --config tile.yaml --parts 64)",
     )
     add_launch_arguments(launch)
-    launch.set_defaults(func=cmd_launch)
+    add_array_arguments(launch)
+    launch.set_defaults(func=_cmd_launch)
 
-    status = verbs.add_parser("status", help="progress of a training run folder")
+    status = verbs.add_parser(
+        "status",
+        help="progress of a training run folder, or of a tiles / features / synthetic folder's parts",
+    )
     status.add_argument("run_dir", type=Path)
-    status.set_defaults(func=cmd_status)
+    status.set_defaults(func=_cmd_status)
 
     demo = verbs.add_parser("demo", help="a tiny end-to-end run on bundled data")
     demo.add_argument("--output", type=Path, default=Path("demo_out"), help="demo folder (default demo_out)")

@@ -359,7 +359,9 @@ def _check_output_folder(cfg: FeaturizeConfig, manifest) -> None:
         try:
             existing = read_manifest(out)
         except (ManifestError, ValueError) as err:
-            raise FeaturizeError(f"output {out} holds an unreadable manifest ({err}); choose another folder") from None
+            raise FeaturizeError(
+                f"output {out} holds an unreadable manifest ({err}); choose another folder"
+            ) from None
         made = [h for h in existing.history if h.get("verb") == "featurize"]
         if not made or made[-1].get("input_manifest_shards_sha256") != ours:
             what = "the features of another input" if made else "a packed split"

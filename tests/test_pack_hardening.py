@@ -365,8 +365,9 @@ def test_a_break_in_a_shard_counts_only_the_samples_it_damaged(tmp_path, damage)
 def test_training_can_turn_on_hash_verification(tiny_features, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    import cytosyn.training.module as module
     from conftest import tiny_train_config
+
+    import cytosyn.training.module as module
     from cytosyn.training.config import TrainConfig
 
     built = []
