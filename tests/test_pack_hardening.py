@@ -379,7 +379,7 @@ def test_training_can_turn_on_hash_verification(tiny_features, tmp_path, monkeyp
         TrainConfig, tiny_train_config(tiny_features, tmp_path / "run"), ["data.verify_hashes=true"]
     )
     lit = module.LatentDiffusionModule(
-        cfg, split_features(cfg, read_manifest(cfg.data.train), cfg.data.train)
+        cfg, module.split_features(cfg, read_manifest(cfg.data.train), cfg.data.train)
     )
     lit._trainer = SimpleNamespace(world_size=1, global_rank=0)  # what train_dataloader asks of its trainer
     lit.train_dataloader()
