@@ -162,7 +162,11 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     from cytosyn.launch.arrays import STAGES, cmd_array
     from cytosyn.launch.launch import cmd_launch
 
-    if args.overrides and args.overrides[0] in STAGES:
+    if args.stage is not None:
+        return cmd_array(args, args.stage, args.overrides)
+    if (
+        args.overrides and args.overrides[0] in STAGES
+    ):  # a stage after the options: cytosyn launch --parts 2 tile
         return cmd_array(args, args.overrides[0], args.overrides[1:])
     if args.parts is not None or args.submit or args.max_concurrent is not None:
         raise ConfigError(f"--parts/--submit/--max-concurrent are for the data stages ({', '.join(STAGES)})")
@@ -280,8 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lift_stage(argv: Sequence[str]) -> list[str]:
+    """``launch tile --config x.yaml key=v`` → ``launch --config x.yaml key=v --stage tile``: argparse reads
+    one run of positionals only, so the stage word cannot share the KEY=VALUE positional list."""
+    argv = list(argv)
+    verb = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if verb is not None and argv[verb] == "launch" and verb + 1 < len(argv):
+        from cytosyn.launch.arrays import STAGES
+
+        if argv[verb + 1] in STAGES:
+            return [*argv[: verb + 1], *argv[verb + 2 :], "--stage", argv[verb + 1]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_lift_stage(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -445,6 +445,7 @@ def _previous_job_ids(output: Path) -> list[str]:
 
 def add_array_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags ``cytosyn launch tile|featurize|sample`` adds to the training launcher's."""
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # cytosyn launch <stage> ...
     parser.add_argument("--parts", type=int, help="array size N: task i runs --part i/N (data stages)")
     parser.add_argument(
         "--submit", action="store_true", help="submit the rendered array with sbatch (data stages)"
