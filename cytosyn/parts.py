@@ -12,6 +12,7 @@ process killed with SIGKILL shows as such, with the time it was last written.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -24,6 +25,8 @@ from typing import Any
 
 from cytosyn.config import parse_part
 from cytosyn.fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 PARTS_DIR = ".parts"
 _SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
@@ -76,7 +79,10 @@ class PartRecord:
         self.data.update(fields)
         self.data["updated_at"] = time.time()
         self.data["seconds"] = round(time.perf_counter() - self._t0, 3)
-        atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        try:
+            atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        except OSError as err:  # the stage reports an unusable output itself; a record never stops it
+            log.warning("could not write the part record %s: %s", self.path, err)
 
 
 @contextmanager
