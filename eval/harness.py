@@ -1,21 +1,25 @@
-"""Studies of generative tile models through the `TileGenerator` protocol: overfitting, domain, sweep.
+"""Shared orchestration of the studies in `cytosyn.eval.studies`: references, generation, metrics, results.
 
 Every study talks to the model only through :class:`cytosyn.generation.TileGenerator` (cytosyn's
 pipeline, the PixCell adapter, or a fake in tests) — or takes already generated tiles as an `ImageSet`
-(a folder of images). The flow is the same for all three:
+(a folder of images). This module holds the steps every study shares; each study (one module per study
+under ``cytosyn/eval/studies/``) composes them:
 
-1. **reference features**: each reference set (first ``n`` tiles; packed splits are shuffled) is read once
-   and fed to every extractor (`cytosyn.eval.features`), keeping the feature matrices; with a cache folder
-   the statistics and features are saved, and a cached file made with other settings or another reference
-   set is refused (`FeatureStats.load(..., expected_meta=...)`, the metric core's guard);
-2. **conditioning**: the held-out (or domain) reference tiles are embedded with the generator's own
-   encoder (`generator.embed`), and tile ``i`` is generated from reference ``i``'s embedding;
-3. **generated features**: tiles are generated in chunks, optionally re-encoded (``generated_codec``) and
-   fed to the same extractors without being written anywhere;
-4. **metrics** from the metric core: FD per extractor with a bootstrap CI over generated tiles (the
-   same replicates as `frechet_distance_ci`), KID, precision/recall/density/coverage (k = 5),
-   conditional fidelity in an encoder *other* than the conditioning one (refused otherwise) with a
-   bootstrap CI and an unpaired baseline, and for the overfitting study nearest-neighbour memorisation.
+1. **reference features** (`prepare_reference`, `as_reference`): each reference set (first ``n`` tiles;
+   packed splits are shuffled) is read once and fed to every extractor (`cytosyn.eval.features`), keeping
+   the feature matrices; with a cache folder the statistics and features are saved, and a cached file
+   made with other settings or another reference set is refused (`FeatureStats.load(...,
+   expected_meta=...)`, the metric core's guard);
+2. **conditioning** (`embed_reference`): the held-out (or domain) reference tiles are embedded with the
+   generator's own encoder (`generator.embed`), and tile ``i`` is generated from reference ``i``'s
+   embedding;
+3. **generated features** (`generate_or_read`, `generate_features`): tiles are generated in chunks,
+   optionally re-encoded (``generated_codec``) and fed to the same extractors without being written
+   anywhere;
+4. **metrics** (`compare_sets`, `fidelity`, `fd_bootstrap`) from the metric core: FD per extractor with a
+   bootstrap CI over generated tiles (the same replicates as `frechet_distance_ci`), KID,
+   precision/recall/density/coverage (k = 5), conditional fidelity in an encoder *other* than the
+   conditioning one (refused otherwise) with a bootstrap CI and an unpaired baseline.
 
 Before anything is generated, the generated side's metadata (encoder, weights, resize, tile size, mpp,
 field of view) is checked against every reference with `FeatureStats.check_compatible`, and the codecs
@@ -26,6 +30,9 @@ would be refused.
 Results are `StudyResult` objects: JSON-serialisable with `to_dict()`, with full provenance (generator
 ``describe()``, every image set's provenance, each extractor's ``describe()`` and metadata, codecs,
 seeds, counts, timings) and a few sample tiles kept in memory for the report's image grids.
+
+The study functions that used to live here (`overfitting_study`, `domain_study`, `sweep_study`,
+`memorisation`) moved to `cytosyn.eval.studies`; importing them from here still works.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import copy
 import hashlib
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -64,21 +71,30 @@ from .stats import (
 )
 
 __all__ = [
+    "FD_IGNORE",
+    "GeneratedFeatures",
     "HarnessOptions",
     "ReferenceFeatures",
     "StudyResult",
+    "as_reference",
     "compare_codecs",
-    "domain_study",
+    "compare_sets",
+    "describe_generator",
+    "embed_reference",
+    "extractor_info",
     "fd_bootstrap",
-    "memorisation",
-    "overfitting_study",
+    "fidelity",
+    "generate_features",
+    "generate_or_read",
+    "grid_samples",
+    "pick_extractor",
     "prepare_reference",
-    "sweep_study",
+    "resolve_options",
+    "study_settings",
 ]
 
 #: FDs here ignore the ``codec`` key: codecs are checked first by `compare_codecs` (lossless ≡ lossless).
 FD_IGNORE = PROVENANCE_KEYS | {"codec"}
-RATIO_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 @dataclass(frozen=True)
@@ -135,32 +151,12 @@ class StudyResult:
         )
 
     def headline(self) -> dict[str, float]:
-        """A flat ``{name: number}`` summary (what the report's top table and seed aggregates use)."""
-        out: dict[str, float] = {}
-        m = self.to_dict(strict=False)["metrics"]
-        if self.study in ("overfitting", "domain"):
-            for ref, per_ext in m.get("comparisons", {}).items():
-                for ext, vals in per_ext.items():
-                    out[f"fd/{ext}/{ref}"] = vals["fd"]["estimate"]
-                    out[f"kid/{ext}/{ref}"] = vals["kid"]["mean"]
-                    for k in ("precision", "recall", "density", "coverage"):
-                        if vals["prdc"] is not None:
-                            out[f"{k}/{ext}/{ref}"] = vals["prdc"][k]
-            for ext, gap in m.get("overfitting_gap", {}).items():
-                out[f"fd_gap/{ext}"] = gap["estimate"]
-            fid = m.get("conditional_fidelity")
-            if fid and fid.get("estimate") is not None:
-                out[f"conditional_fidelity/{fid['extractor']}"] = fid["estimate"]["estimate"]
-            mem = m.get("memorisation")
-            if mem:
-                out["memorisation/fraction_closer_to_train"] = mem["fraction_closer_to_train"]["estimate"]
-                out["memorisation/median_ratio"] = mem["ratio_quantiles"]["0.5"]
-        elif self.study == "sweep":
-            for cell in m.get("cells", []):
-                tag = f"steps={cell['steps']},g={cell['guidance_scale']}"
-                for ext, vals in cell["fd"].items():
-                    out[f"fd/{ext}/{tag}"] = vals["estimate"]
-        return out
+        """A flat ``{name: number}`` summary (what the report's top table and seed aggregates use).
+
+        Each study defines its own (`cytosyn.eval.studies.<study>.headline`)."""
+        from .studies import get_study  # the studies import this module
+
+        return get_study(self.study).headline(self)
 
 
 def _plain(obj: Any, strict: bool = True) -> Any:
@@ -363,7 +359,7 @@ class GeneratedFeatures:
     timings: dict[str, float]
 
 
-def _encoder_name(ext: Any) -> str:
+def encoder_name(ext: Any) -> str:
     enc = getattr(ext, "encoder", None)
     spec = getattr(enc, "spec", None)
     if spec is not None:
@@ -380,7 +376,7 @@ def _chunk_seed(seed: int, chunk: int) -> int:
     )
 
 
-def _generated_provenance(generator: TileGenerator, codec: Any, n: int, px: int) -> dict[str, Any]:
+def generated_provenance(generator: TileGenerator, codec: Any, n: int, px: int) -> dict[str, Any]:
     stored = {"format": "raw", "lossless": True}
     parsed = parse_codec(codec)
     full = dict(stored) | ({"applied": parsed} if parsed else {})
@@ -407,7 +403,7 @@ def _generated_provenance(generator: TileGenerator, codec: Any, n: int, px: int)
     }
 
 
-def _embed_reference(
+def embed_reference(
     generator: TileGenerator, image_set: ImageSet, batch_size: int
 ) -> tuple[list[str], torch.Tensor, float]:
     keys: list[str] = []
@@ -422,7 +418,7 @@ def _embed_reference(
     return keys, torch.cat(parts), time.perf_counter() - start
 
 
-def _check_before_generating(
+def check_before_generating(
     exts: Mapping[str, Any], prov: Mapping[str, Any], refs: Mapping[str, ReferenceFeatures]
 ) -> dict[str, dict[str, Any]]:
     """The generated side's metadata vs every reference, before generating anything (fail fast)."""
@@ -458,7 +454,7 @@ def generate_features(
     dev = _device(opts.device)
     n = embeddings.shape[0]
     px = int(generator.tile_px)
-    prov = _generated_provenance(generator, opts.generated_codec, n, px)
+    prov = generated_provenance(generator, opts.generated_codec, n, px)
     acc = _Accumulator(exts, dev, True, opts.max_keep_mb)
     pixels = hashlib.sha256()
     keyhash = hashlib.sha256(
@@ -556,7 +552,7 @@ def fd_bootstrap(
     )
 
 
-def _compare(
+def compare_sets(
     gen: GeneratedFeatures,
     refs: Mapping[str, ReferenceFeatures],
     opts: HarnessOptions,
@@ -604,13 +600,13 @@ def _compare(
     return comparisons, gaps
 
 
-def _pick_extractor(
+def pick_extractor(
     exts: Mapping[str, Any], requested: str | None, conditioning: str | None, purpose: str
 ) -> str | None:
     if requested is not None:
         if requested not in exts:
             raise ValueError(f"{purpose} extractor {requested!r} is not among the extractors {sorted(exts)}")
-        if conditioning is not None and _encoder_name(exts[requested]) == conditioning:
+        if conditioning is not None and encoder_name(exts[requested]) == conditioning:
             raise ValueError(
                 f"{purpose} must be measured in an encoder other than the conditioning one ({conditioning!r}): "
                 f"in its own space the score measures how well the model reproduces its input embedding, not the "
@@ -618,12 +614,12 @@ def _pick_extractor(
             )
         return requested
     for name, ext in exts.items():
-        if _encoder_name(ext) != conditioning:
+        if encoder_name(ext) != conditioning:
             return name
     return None
 
 
-def _fidelity(
+def fidelity(
     gen: GeneratedFeatures,
     ref: ReferenceFeatures,
     name: str | None,
@@ -661,95 +657,12 @@ def _fidelity(
     }
 
 
-def _nn_dist(a: np.ndarray, b: np.ndarray, exclude_self: bool = False, block: int = 1024) -> np.ndarray:
-    """Euclidean distance from each row of ``a`` to its nearest row of ``b`` (float64, in row blocks)."""
-    center = b.mean(0)
-    x = torch.from_numpy(np.asarray(a, np.float64) - center)
-    y = torch.from_numpy(np.asarray(b, np.float64) - center)
-    y_sq = (y * y).sum(1)
-    out = np.empty(x.shape[0])
-    for s in range(0, x.shape[0], block):
-        xb = x[s : s + block]
-        d = ((xb * xb).sum(1)[:, None] + y_sq[None, :] - 2 * xb @ y.T).clamp_min_(0)
-        if exclude_self:
-            rows = torch.arange(xb.shape[0])
-            d[rows, rows + s] = float("inf")
-        out[s : s + block] = d.min(1).values.sqrt().numpy()
-    return out
-
-
-def memorisation(
-    gen_features: np.ndarray,
-    train_features: np.ndarray,
-    heldout_features: np.ndarray,
-    *,
-    equalise: bool = True,
-    n_boot: int = 200,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Nearest-neighbour memorisation: is each generated tile nearer to a training tile than to a held-out one?
-
-    For generated tile g: ``d_train`` = distance to its nearest training tile, ``d_heldout`` = to its
-    nearest held-out tile (Euclidean, in one feature space). Reported: the ratio ``d_train / d_heldout``
-    (quantiles and a histogram on [0, 2]), the fraction with ``d_train < d_heldout`` (bootstrap CI over
-    generated tiles), the fraction of near-exact training copies (``d_train`` below 1e-3 × the median
-    held-out → train nearest distance), and a baseline: the same fraction for held-out tiles themselves
-    (each held-out tile's nearest training tile vs its nearest *other* held-out tile) — what a model
-    drawing new tiles like the held-out patients' would score. Nearest distances shrink with the number
-    of candidates, so with ``equalise`` both candidate sets are subsampled (seeded) to the same size.
-    """
-    g = np.asarray(gen_features, np.float64)
-    t = np.asarray(train_features, np.float64)
-    h = np.asarray(heldout_features, np.float64)
-    rng = np.random.default_rng(seed)
-    if equalise and len(t) != len(h):
-        m = min(len(t), len(h))
-        t = t[np.sort(rng.choice(len(t), m, replace=False))] if len(t) > m else t
-        h = h[np.sort(rng.choice(len(h), m, replace=False))] if len(h) > m else h
-    d_t = _nn_dist(g, t)
-    d_h = _nn_dist(g, h)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(d_h > 0, d_t / np.where(d_h > 0, d_h, 1), np.where(d_t > 0, np.inf, 1.0))
-    closer = (d_t < d_h).astype(np.float64)
-    frac = (
-        bootstrap_ci(np.mean, closer, n_boot=n_boot, alpha=alpha, seed=seed)
-        if len(closer) >= 2
-        else BootstrapCI(float(closer.mean()), float("nan"), float("nan"))
-    )
-    # baseline: held-out tiles vs train (one fewer train candidate, to match the n−1 other held-out tiles)
-    t_base = t[rng.permutation(len(t))[: max(len(h) - 1, 1)]] if equalise and len(t) >= len(h) else t
-    base_t = _nn_dist(h, t_base)
-    base_h = _nn_dist(h, h, exclude_self=True) if len(h) > 1 else np.full(len(h), np.inf)
-    scale = float(np.median(base_t)) if len(base_t) else 0.0
-    finite = np.clip(ratio[np.isfinite(ratio)], 0, 2)
-    hist, edges = np.histogram(finite, bins=20, range=(0.0, 2.0))
-    return {
-        "n_generated": len(g),
-        "n_train_candidates": len(t),
-        "n_heldout_candidates": len(h),
-        "equalised": bool(equalise),
-        "fraction_closer_to_train": frac,
-        "ratio_quantiles": {str(q): float(np.quantile(ratio, q, method="nearest")) for q in RATIO_QUANTILES},
-        "ratio_histogram": {
-            "edges": edges.tolist(),
-            "counts": hist.tolist(),
-            "above_2": int((ratio > 2).sum()),
-        },
-        "near_copy_fraction": float((d_t <= 1e-3 * scale).mean()) if scale > 0 else float((d_t == 0).mean()),
-        "near_copy_threshold": 1e-3 * scale,
-        "heldout_baseline_fraction": float((base_t < base_h).mean()),
-        "median_d_train": float(np.median(d_t)),
-        "median_d_heldout": float(np.median(d_h)),
-    }
-
-
 # ---------------------------------------------------------------------------------------------- studies
-def _options(options: HarnessOptions | None, overrides: Mapping[str, Any]) -> HarnessOptions:
+def resolve_options(options: HarnessOptions | None, overrides: Mapping[str, Any]) -> HarnessOptions:
     return replace(options or HarnessOptions(), **overrides)
 
 
-def _as_reference(
+def as_reference(
     obj: ImageSet | ReferenceFeatures, exts: Mapping[str, Any], role: str, n: int | None, opts: HarnessOptions
 ) -> ReferenceFeatures:
     if isinstance(obj, ReferenceFeatures):
@@ -760,7 +673,7 @@ def _as_reference(
     return prepare_reference(obj, exts, role=role, n=n, options=opts)
 
 
-def _describe_generator(generator: Any) -> dict[str, Any]:
+def describe_generator(generator: Any) -> dict[str, Any]:
     if isinstance(generator, ImageSet):
         return {"kind": "folder", "name": generator.name, "source": str(generator.source)}
     return dict(generator.describe()) | {
@@ -773,21 +686,21 @@ def _describe_generator(generator: Any) -> dict[str, Any]:
     }
 
 
-def _extractor_info(
+def extractor_info(
     exts: Mapping[str, Any], stats: Mapping[str, FeatureStats], conditioning: str | None
 ) -> dict[str, Any]:
     return {
         name: {
             "describe": ext.describe(),
             "metadata": stats[name].metadata,
-            "encoder": _encoder_name(ext),
-            "is_conditioning_encoder": _encoder_name(ext) == conditioning,
+            "encoder": encoder_name(ext),
+            "is_conditioning_encoder": encoder_name(ext) == conditioning,
         }
         for name, ext in exts.items()
     }
 
 
-def _generate_or_read(
+def generate_or_read(
     generator: TileGenerator | ImageSet,
     cond_ref: ReferenceFeatures,
     exts: Mapping[str, Any],
@@ -805,10 +718,10 @@ def _generate_or_read(
             r: compare_codecs(x.provenance, gen.provenance) for r, x in refs.items()
         }
         return gen
-    prov = _generated_provenance(generator, opts.generated_codec, cond_ref.n, int(generator.tile_px))
-    codecs = _check_before_generating(exts, prov, refs)
+    prov = generated_provenance(generator, opts.generated_codec, cond_ref.n, int(generator.tile_px))
+    codecs = check_before_generating(exts, prov, refs)
     assert cond_ref.image_set is not None
-    keys, emb, embed_s = _embed_reference(generator, cond_ref.image_set, opts.batch_size)
+    keys, emb, embed_s = embed_reference(generator, cond_ref.image_set, opts.batch_size)
     timings["embed_s"] = embed_s
     gen = generate_features(
         generator, emb, keys, exts, steps=steps, guidance_scale=guidance_scale, seed=seed, options=opts
@@ -818,112 +731,13 @@ def _generate_or_read(
     return gen
 
 
-def _settings(opts: HarnessOptions, **extra: Any) -> dict[str, Any]:
+def study_settings(opts: HarnessOptions, **extra: Any) -> dict[str, Any]:
     d = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items()}
     d["generated_codec_settings"] = codec_settings(opts.generated_codec)
     return d | extra
 
 
-def overfitting_study(
-    generator: TileGenerator | ImageSet,
-    train_set: ImageSet | ReferenceFeatures,
-    heldout_set: ImageSet | ReferenceFeatures,
-    extractors: Mapping[str, Any] | Iterable[Any],
-    n: int | None = None,
-    *,
-    fidelity_extractor: str | None = None,
-    memorisation_extractor: str | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    seed: int = 0,
-    options: HarnessOptions | None = None,
-    **overrides: Any,
-) -> StudyResult:
-    """Slide-level overfitting: generate from held-out patients' embeddings, compare with held-out and training tiles.
-
-    ``n`` tiles are read from each set (first ``n``), and tile i is generated from held-out tile i's
-    embedding. Per extractor: FD (bootstrap CI) against held-out and against training tiles and their gap
-    ``FD_heldout − FD_train`` (paired bootstrap; > 0 means the generated tiles sit closer to the training
-    patients'), KID and PRDC (k = 5) against each. Conditional fidelity in ``fidelity_extractor`` (default:
-    the first extractor whose encoder is not the conditioning one; naming the conditioning encoder is an
-    error). `memorisation` in ``memorisation_extractor``'s space (default: the fidelity extractor).
-    ``generator`` may also be an `ImageSet` of already generated tiles.
-    """
-    opts = _options(options, overrides)
-    exts = build_extractors(extractors)
-    conditioning = None if isinstance(generator, ImageSet) else generator.conditioning_encoder
-    fid_name = _pick_extractor(exts, fidelity_extractor, conditioning, "conditional fidelity")
-    mem_name = memorisation_extractor or fid_name or next(iter(exts))
-    if mem_name not in exts:
-        raise ValueError(f"memorisation extractor {mem_name!r} is not among the extractors {sorted(exts)}")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    held = _as_reference(heldout_set, exts, "heldout", n, opts)
-    train = _as_reference(train_set, exts, "train", n, opts)
-    timings["reference_s"] = time.perf_counter() - t0
-    refs = {"heldout": held, "train": train}
-    gen = _generate_or_read(
-        generator,
-        held,
-        exts,
-        refs,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        opts=opts,
-        timings=timings,
-    )
-    notes: list[str] = []
-    if held.n != train.n:
-        notes.append(
-            f"held-out ({held.n}) and training ({train.n}) references differ in size: FD is biased by 1/n, so the "
-            "gap mixes sample size with overfitting; use equal sizes"
-        )
-    t0 = time.perf_counter()
-    comparisons, gaps = _compare(gen, refs, opts, seed, notes, gap=("heldout", "train"))
-    fid = _fidelity(gen, held, fid_name, conditioning, opts, seed)
-    mem = memorisation(
-        gen.features[mem_name],
-        train.features[mem_name],
-        held.features[mem_name],
-        equalise=opts.equalise_nn,
-        n_boot=opts.n_boot,
-        alpha=opts.alpha,
-        seed=seed,
-    ) | {"extractor": mem_name}
-    timings["metrics_s"] = time.perf_counter() - t0
-    if all(_encoder_name(e) == conditioning for e in exts.values()):
-        notes.append(f"every extractor is the conditioning encoder ({conditioning}); add another one")
-    return StudyResult(
-        study="overfitting",
-        generator=_describe_generator(generator),
-        settings=_settings(
-            opts,
-            n=n,
-            seed=seed,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            fidelity_extractor=fid_name,
-            memorisation_extractor=mem_name,
-        ),
-        references={r: ref.provenance | {"cache": ref.cache, "n_used": ref.n} for r, ref in refs.items()},
-        generated=gen.provenance,
-        extractors=_extractor_info(exts, held.stats, conditioning),
-        metrics={
-            "comparisons": comparisons,
-            "overfitting_gap": gaps,
-            "overfitting_gap_note": "FD_heldout − FD_train per extractor, paired bootstrap over generated tiles; "
-            "> 0: the generated tiles are closer to the training patients' tiles than to new patients'",
-            "conditional_fidelity": fid,
-            "memorisation": mem,
-        },
-        warnings=notes,
-        timings_s=timings,
-        samples=_samples(held, gen),
-    )
-
-
-def _samples(ref: ReferenceFeatures, gen: GeneratedFeatures) -> dict[str, np.ndarray]:
+def grid_samples(ref: ReferenceFeatures, gen: GeneratedFeatures) -> dict[str, np.ndarray]:
     out = {}
     if ref.samples is not None:
         out["reference"] = ref.samples
@@ -932,168 +746,13 @@ def _samples(ref: ReferenceFeatures, gen: GeneratedFeatures) -> dict[str, np.nda
     return out
 
 
-def domain_study(
-    generator: TileGenerator | ImageSet,
-    reference_set: ImageSet | ReferenceFeatures,
-    extractors: Mapping[str, Any] | Iterable[Any],
-    n: int | None = None,
-    *,
-    other_sets: Mapping[str, ImageSet | ReferenceFeatures] | None = None,
-    fidelity_extractor: str | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    seed: int = 0,
-    options: HarnessOptions | None = None,
-    **overrides: Any,
-) -> StudyResult:
-    """Any tiles as the reference (e.g. IBD biopsies): generate from their embeddings and compare with them.
-
-    Same metrics as the overfitting study against ``reference_set`` (FD with CI, KID, PRDC, conditional
-    fidelity). ``other_sets`` (name → set, e.g. the oncology held-out split) are also compared with the
-    generated tiles, and the FD between the reference and each other set (real vs real) is reported as
-    the size of the domain shift.
-    """
-    opts = _options(options, overrides)
-    exts = build_extractors(extractors)
-    conditioning = None if isinstance(generator, ImageSet) else generator.conditioning_encoder
-    fid_name = _pick_extractor(exts, fidelity_extractor, conditioning, "conditional fidelity")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    ref = _as_reference(reference_set, exts, "reference", n, opts)
-    refs = {"reference": ref}
-    for name, other in (other_sets or {}).items():
-        if name == "reference":
-            raise ValueError("'reference' is reserved for the domain's own reference set")
-        refs[name] = _as_reference(other, exts, name, n, opts)
-    timings["reference_s"] = time.perf_counter() - t0
-    gen = _generate_or_read(
-        generator,
-        ref,
-        exts,
-        refs,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        opts=opts,
-        timings=timings,
-    )
-    notes: list[str] = []
-    t0 = time.perf_counter()
-    comparisons, _ = _compare(gen, refs, opts, seed, notes)
-    shift = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for other in refs:
-            if other == "reference":
-                continue
-            shift[other] = {
-                name: frechet_distance(ref.stats[name], refs[other].stats[name], ignore=FD_IGNORE)
-                for name in exts
-            }
-    fid = _fidelity(gen, ref, fid_name, conditioning, opts, seed)
-    timings["metrics_s"] = time.perf_counter() - t0
-    return StudyResult(
-        study="domain",
-        generator=_describe_generator(generator),
-        settings=_settings(
-            opts, n=n, seed=seed, steps=steps, guidance_scale=guidance_scale, fidelity_extractor=fid_name
-        ),
-        references={r: x.provenance | {"cache": x.cache, "n_used": x.n} for r, x in refs.items()},
-        generated=gen.provenance,
-        extractors=_extractor_info(exts, ref.stats, conditioning),
-        metrics={
-            "comparisons": comparisons,
-            "domain_shift_fd": shift,
-            "domain_shift_note": "FD between the real reference tiles and each other real set (no generation)",
-            "conditional_fidelity": fid,
-        },
-        warnings=notes,
-        timings_s=timings,
-        samples=_samples(ref, gen),
-    )
+_MOVED_TO_STUDIES = ("overfitting_study", "domain_study", "sweep_study", "memorisation")
 
 
-def sweep_study(
-    generator: TileGenerator | Callable[..., TileGenerator],
-    reference_set: ImageSet | ReferenceFeatures,
-    extractors: Mapping[str, Any] | Iterable[Any],
-    n: int | None = None,
-    *,
-    steps: Sequence[int] = (10, 20, 50),
-    guidance: Sequence[float] = (1.0, 1.5, 2.0),
-    fidelity_extractor: str | None = None,
-    seed: int = 0,
-    options: HarnessOptions | None = None,
-    **overrides: Any,
-) -> StudyResult:
-    """FD (and KID, conditional fidelity, time per image) over a grid of sampling steps × guidance scales.
+def __getattr__(name: str) -> Any:
+    """The study functions moved to `cytosyn.eval.studies`; old imports from the harness keep working."""
+    if name in _MOVED_TO_STUDIES:
+        from . import studies
 
-    ``generator`` is a `TileGenerator` (``steps``/``guidance_scale`` passed to ``generate``) or a factory
-    ``f(steps=…, guidance_scale=…) → TileGenerator`` called per cell. Every cell generates from the same
-    reference embeddings with the same seed, so differences come from the sampler settings alone.
-    """
-    opts = _options(options, overrides)
-    exts = build_extractors(extractors)
-    if not steps or not guidance:
-        raise ValueError("sweep_study needs at least one steps value and one guidance value")
-    is_factory = not isinstance(generator, TileGenerator)
-    first = generator(steps=steps[0], guidance_scale=guidance[0]) if is_factory else generator
-    conditioning = first.conditioning_encoder
-    fid_name = _pick_extractor(exts, fidelity_extractor, conditioning, "conditional fidelity")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    ref = _as_reference(reference_set, exts, "reference", n, opts)
-    timings["reference_s"] = time.perf_counter() - t0
-    prov = _generated_provenance(first, opts.generated_codec, ref.n, int(first.tile_px))
-    codecs = _check_before_generating(exts, prov, {"reference": ref})
-    assert ref.image_set is not None
-    keys, emb, timings["embed_s"] = _embed_reference(first, ref.image_set, opts.batch_size)
-    cells = []
-    notes: list[str] = []
-    samples = {"reference": ref.samples} if ref.samples is not None else {}
-    for s in steps:
-        for g in guidance:
-            gen_model = (
-                generator(steps=s, guidance_scale=g)
-                if is_factory and (s, g) != (steps[0], guidance[0])
-                else first
-            )
-            if gen_model.conditioning_encoder != conditioning:
-                raise ValueError("every generator of a sweep must use the same conditioning encoder")
-            gen = generate_features(
-                gen_model, emb, keys, exts, steps=s, guidance_scale=g, seed=seed, options=opts
-            )
-            comparisons, _ = _compare(gen, {"reference": ref}, opts, seed, notes)
-            fid = _fidelity(gen, ref, fid_name, conditioning, opts, seed)
-            cells.append(
-                {
-                    "steps": int(s),
-                    "guidance_scale": float(g),
-                    "fd": {name: c["fd"] for name, c in comparisons["reference"].items()},
-                    "kid": {name: c["kid"] for name, c in comparisons["reference"].items()},
-                    "prdc": {name: c["prdc"] for name, c in comparisons["reference"].items()},
-                    "conditional_fidelity": fid,
-                    "generate_s_per_image": gen.timings["generate_s_per_image"],
-                    "generated": gen.provenance,
-                }
-            )
-            if gen.samples is not None:
-                samples[f"steps={s}, g={g}"] = gen.samples
-    return StudyResult(
-        study="sweep",
-        generator=_describe_generator(first) | {"factory": is_factory},
-        settings=_settings(
-            opts, n=n, seed=seed, steps=list(steps), guidance=list(guidance), fidelity_extractor=fid_name
-        ),
-        references={"reference": ref.provenance | {"cache": ref.cache, "n_used": ref.n}},
-        generated={
-            "cells": len(cells),
-            "per_cell": "see metrics.cells[*].generated",
-            "codec_comparison": codecs,
-        },
-        extractors=_extractor_info(exts, ref.stats, conditioning),
-        metrics={"cells": cells, "steps": list(steps), "guidance": list(guidance)},
-        warnings=notes,
-        timings_s=timings,
-        samples=samples,
-    )
+        return getattr(studies, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

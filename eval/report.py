@@ -1,9 +1,9 @@
-"""Evaluation report folder: ``metrics.json`` (every number + full provenance), ``report.md`` (tables) and,
-for a JPEG study, a heat map of each extractor's FD grid (``jpeg_grid.png``).
+"""Evaluation report folder: ``metrics.json`` (every number + full provenance) and ``report.md`` (tables).
 
-matplotlib is not a dependency of cytosyn (and is not installed in the project's environment), so the
-heat map is drawn with PIL: one panel per extractor, cells coloured on a viridis-like scale normalised
-per panel (FD units differ between encoders), each cell labelled with its value.
+Study-specific sections and figures come from the study modules (`cytosyn.eval.studies`); with a JPEG
+study, `write_report` adds its section and heat map (``jpeg_grid.png``, drawn by
+`cytosyn.eval.studies.jpeg.render_jpeg_heatmap`). The number formatting here (`fmt`, `fmt_ci`, `table`)
+is shared by every study's markdown.
 """
 
 from __future__ import annotations
@@ -18,43 +18,16 @@ from typing import Any
 
 import numpy as np
 import PIL
-from PIL import Image, ImageDraw, ImageFont
 
 from cytosyn.fileio import atomic_write_text
 
-from .studies import JpegStudyResult
-
-__all__ = ["REPORT_FORMAT", "render_jpeg_heatmap", "write_report"]
+__all__ = ["REPORT_FORMAT", "fmt", "fmt_ci", "table", "write_report"]
 
 REPORT_FORMAT = "cytosyn.eval-report/1"
 
-# viridis at 9 stops (matplotlib's colour map, sampled), interpolated linearly.
-_VIRIDIS = np.array(
-    [
-        [68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
-        [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37],
-    ],
-    dtype=np.float64,
-)  # fmt: skip
 
-
-def _colour(t: float) -> tuple[int, int, int]:
-    if not math.isfinite(t):
-        return (200, 200, 200)
-    t = min(max(t, 0.0), 1.0) * (len(_VIRIDIS) - 1)
-    i = min(int(t), len(_VIRIDIS) - 2)
-    c = _VIRIDIS[i] + (_VIRIDIS[i + 1] - _VIRIDIS[i]) * (t - i)
-    return (round(c[0]), round(c[1]), round(c[2]))
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _fmt(value: float) -> str:
+def fmt(value: float) -> str:
+    """A number in 3 significant figures (scientific notation outside [0.01, 1000))."""
     if not math.isfinite(value):
         return "nan"
     if value == 0:
@@ -64,111 +37,21 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
 
 
-def render_jpeg_heatmap(study: JpegStudyResult | Mapping[str, Any], path: str | Path, cell: int = 78) -> Path:
-    """Draw one heat-map panel per extractor (rows: reference codec, columns: generated codec) to PNG."""
-    data = study.to_dict() if isinstance(study, JpegStudyResult) else dict(study)
-    codecs: list[str] = list(data["codecs"])
-    grids: dict[str, list[list[float]]] = data["fd"]
-    k = len(codecs)
-    title_f, label_f, value_f = _font(16), _font(13), _font(12)
-    margin_l, margin_t, gap = 92, 64, 40
-    panel_w = margin_l + k * cell + 20
-    width = max(1, len(grids)) * panel_w + gap
-    height = margin_t + k * cell + 70
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    for p, (name, grid) in enumerate(grids.items()):
-        arr = np.asarray(grid, dtype=np.float64)
-        finite = arr[np.isfinite(arr)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        span = hi - lo if hi > lo else 1.0
-        x0 = p * panel_w + gap // 2
-        draw.text((x0, 8), f"FD in {name}", fill="black", font=title_f)
-        draw.text((x0, 30), f"scale {_fmt(lo)} … {_fmt(hi)}", fill=(90, 90, 90), font=label_f)
-        draw.text((x0 + margin_l, margin_t - 18), "generated codec ->", fill="black", font=label_f)
-        for j, c in enumerate(codecs):
-            draw.text((x0 + margin_l + j * cell + 8, height - 62), c, fill="black", font=label_f)
-        draw.text((x0, height - 40), "rows: reference codec", fill="black", font=label_f)
-        for i, r in enumerate(codecs):
-            y = margin_t + i * cell
-            draw.text((x0 + 8, y + cell // 2 - 8), r, fill="black", font=label_f)
-            for j in range(k):
-                v = float(arr[i, j])
-                t = (v - lo) / span
-                colour = _colour(t)
-                x = x0 + margin_l + j * cell
-                draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=colour)
-                luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-                draw.text(
-                    (x + 6, y + cell // 2 - 8),
-                    _fmt(v),
-                    fill="black" if luminance > 140 else "white",
-                    font=value_f,
-                )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
-    return path
+def fmt_ci(v: Any) -> str:
+    """``estimate [low, high]`` from a CI dict or an (estimate, low, high) tuple; ``—`` for None."""
+    if v is None:
+        return "—"
+    if isinstance(v, dict):
+        est, lo, hi = v.get("estimate"), v.get("low"), v.get("high")
+    else:
+        est, lo, hi = v
+    return f"{fmt(est)} [{fmt(lo)}, {fmt(hi)}]"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def _set_line(prov: Mapping[str, Any]) -> str:
-    fov = f"{prov.get('fov_um')} µm" if prov.get("fov_um") is not None else "unknown"
-    return (
-        f"`{prov.get('source')}` ({prov.get('kind')}): {prov.get('count')} tiles, "
-        f"{prov.get('image_size', ['?'])[0]}×{prov.get('image_size', ['?', '?'])[1]} px, stored codec "
-        f"`{prov.get('stored_codec_label')}` (from {prov.get('codec_source')}), mpp {prov.get('mpp')}, "
-        f"field of view {fov}"
-    )
-
-
-def _jpeg_markdown(d: Mapping[str, Any], heatmap: str | None) -> str:
-    codecs = d["codecs"]
-    out = ["## JPEG study", ""]
-    out.append(f"- reference: {_set_line(d['reference'])}")
-    if d["same_set"]:
-        out.append("- generated: the same set (each cell = distance created by the codecs alone)")
-    else:
-        out.append(f"- generated: {_set_line(d['generated'])}")
-    settings = d["codec_settings"]
-    q = next((s for s in settings.values() if s.get("reencoded")), None)
-    if q:
-        out.append(
-            f"- re-encoding: PIL {q['version']} (libjpeg {q['libjpeg']}), baseline, subsampling "
-            f"{q['subsampling']}, optimize off; `lossless` = stored pixels, unchanged"
-        )
-    out.append("")
-    for name, grid in d["fd"].items():
-        meta = d["stats_metadata"][name][codecs[0]]
-        out.append(f"### FD in `{name}`")
-        out.append("")
-        out.append(
-            f"weights `{meta.get('weights')}`, layer {meta.get('layer')}, resize `{json.dumps(meta.get('resize'))}`, "
-            f"input {meta.get('input_size')} px. Rows: reference codec; columns: generated codec."
-        )
-        out.append("")
-        rows = [[f"**{r}**"] + [_fmt(v) for v in grid[i]] for i, r in enumerate(codecs)]
-        out.append(_table(["ref \\ gen", *codecs], rows))
-        out.append("")
-    out.append("### Blockiness 8×8 (median per image; 1 ≈ no blocking)")
-    out.append("")
-    sides = ["reference"] if d["same_set"] else ["reference", "generated"]
-    rows = [[s] + [_fmt(d["blockiness"][s][c]["median"]) for c in codecs] for s in sides]
-    out.append(_table(["set", *codecs], rows))
-    out.append("")
-    if heatmap:
-        out.append(f"![JPEG grid]({heatmap})")
-        out.append("")
-    if d.get("warnings"):
-        out.append("Warnings:")
-        out.extend(f"- {w}" for w in d["warnings"])
-        out.append("")
-    return "\n".join(out)
 
 
 def _metrics_markdown(metrics: Mapping[str, Any]) -> str:
@@ -176,13 +59,13 @@ def _metrics_markdown(metrics: Mapping[str, Any]) -> str:
     rows = []
     for name, value in metrics.items():
         if isinstance(value, Mapping):
-            text = ", ".join(f"{k} {_fmt(v) if isinstance(v, (int, float)) else v}" for k, v in value.items())
+            text = ", ".join(f"{k} {fmt(v) if isinstance(v, (int, float)) else v}" for k, v in value.items())
         elif isinstance(value, (int, float)):
-            text = _fmt(float(value))
+            text = fmt(float(value))
         else:
             text = str(value)
         rows.append([f"`{name}`", text])
-    out.append(_table(["metric", "value"], rows))
+    out.append(table(["metric", "value"], rows))
     out.append("")
     return "\n".join(out)
 
@@ -208,22 +91,24 @@ def _jsonable(obj: Any) -> Any:
 def write_report(
     folder: str | Path,
     *,
-    jpeg_study: JpegStudyResult | Mapping[str, Any] | None = None,
+    jpeg_study: Any = None,
     metrics: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     title: str = "cytosyn evaluation report",
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``report.md`` and (with a JPEG study) ``jpeg_grid.png`` into ``folder``.
 
-    ``metrics``: any extra named numbers (FD/KID/PRDC results, NamedTuples are fine). ``provenance``:
+    ``jpeg_study``: a `JpegStudyResult` or its ``to_dict()``. ``metrics``: any extra named numbers (FD/KID/PRDC results, NamedTuples are fine). ``provenance``:
     anything else to record (configs, checkpoints, image-set provenance). Returns the written paths.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    study = jpeg_study.to_dict() if isinstance(jpeg_study, JpegStudyResult) else jpeg_study
+    study = jpeg_study.to_dict() if hasattr(jpeg_study, "to_dict") else jpeg_study
     heatmap_name = None
     if study is not None:
+        from .studies.jpeg import jpeg_markdown, render_jpeg_heatmap  # the studies import this module
+
         paths["heatmap"] = render_jpeg_heatmap(study, folder / "jpeg_grid.png")
         heatmap_name = paths["heatmap"].name
     doc = {
@@ -250,6 +135,6 @@ def write_report(
     if metrics:
         md.append(_metrics_markdown(metrics))
     if study is not None:
-        md.append(_jpeg_markdown(study, heatmap_name))
+        md.append(jpeg_markdown(study, heatmap_name))
     paths["report"] = atomic_write_text(folder / "report.md", "\n".join(md))
     return paths

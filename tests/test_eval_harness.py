@@ -16,17 +16,12 @@ import pytest
 import torch
 from conftest import run_tile, write_split
 from cytosyn.eval.features import build_extractors
-from cytosyn.eval.harness import (
-    HarnessOptions,
-    memorisation,
-    overfitting_study,
-    prepare_reference,
-    sweep_study,
-)
+from cytosyn.eval.harness import HarnessOptions, prepare_reference
 from cytosyn.eval.images import ImageSet
 from cytosyn.eval.metrics import IncompatibleStatsError, frechet_distance_ci
 from cytosyn.eval.pixcell import PixCellError, PixCellGenerator, apply_fov_policy, make_tiny_pixcell_folder
 from cytosyn.eval.run import EvalConfig, render_plots, run_eval
+from cytosyn.eval.studies import STUDIES, memorisation, overfitting_study, sweep_study
 from PIL import Image
 
 from cytosyn.config import ConfigError, build_config
@@ -380,3 +375,16 @@ def test_eval_config_is_validated(data, tmp_path):
         _cfg(tmp_path, data, generator={"kind": "pixcell", "path": ".", "fov_policy": "stretch"})
     with pytest.raises(ConfigError, match="mpp"):
         _cfg(tmp_path, data, generator={"kind": "folder", "path": "."})
+
+
+def test_every_config_study_is_registered_and_old_imports_still_work():
+    from typing import get_args
+
+    import cytosyn.eval.harness as harness
+
+    assert set(get_args(EvalConfig.model_fields["study"].annotation)) == set(STUDIES)
+    for name, study in STUDIES.items():
+        assert study.name == name and all(callable(f) for f in (study.run, study.headline, study.markdown))
+    assert harness.overfitting_study is overfitting_study  # moved to cytosyn.eval.studies, still importable
+    with pytest.raises(AttributeError):
+        harness.no_such_study  # noqa: B018

@@ -1,4 +1,4 @@
-"""Studies run through the harness: the JPEG study and the lossless round-trip check.
+"""The JPEG study (and the lossless round-trip check): what a codec alone does to a Fréchet distance.
 
 `jpeg_study` measures how much JPEG compression alone moves a Fréchet distance — the flaw of PixCell's
 evaluation, which saved reference and generated tiles at PIL's default quality 75 before FID. Each set is
@@ -10,28 +10,44 @@ each codec. With the same set on both sides (``generated_set=None`` or the same 
 
 `lossless_roundtrip_check` proves that, with no codec applied, the harness hands the extractors exactly
 the stored pixels: every batch is compared with an independent decode of the stored bytes.
+
+The study is not an ``EvalConfig`` study (it compares image sets, not a generator): its report section
+(`jpeg_markdown`) and heat map (`render_jpeg_heatmap`) are written by
+``cytosyn.eval.report.write_report(folder, jpeg_study=...)``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from .features import _Accumulator, _device, build_extractors
-from .images import ImageSet, apply_codec, codec_label, codec_settings, parse_codec
-from .metrics import blockiness_8x8
-from .stats import PROVENANCE_KEYS, frechet_distance
+from ..features import _Accumulator, _device, build_extractors
+from ..figures import _colour, _font
+from ..images import ImageSet, apply_codec, codec_label, codec_settings, parse_codec
+from ..metrics import blockiness_8x8
+from ..report import fmt, table
+from ..stats import PROVENANCE_KEYS, frechet_distance
 
-__all__ = ["DEFAULT_QUALITIES", "JpegStudyResult", "jpeg_study", "lossless_roundtrip_check", "study_codecs"]
+__all__ = [
+    "DEFAULT_QUALITIES",
+    "JpegStudyResult",
+    "jpeg_markdown",
+    "jpeg_study",
+    "lossless_roundtrip_check",
+    "render_jpeg_heatmap",
+    "study_codecs",
+]
 
 DEFAULT_QUALITIES = (95, 90, 75, 50)
 
@@ -244,3 +260,105 @@ def lossless_roundtrip_check(image_set: ImageSet, batch_size: int = 32) -> dict[
         "pixels_sha256_direct": h_direct.hexdigest(),
         "codec": image_set.provenance["codec_label"],
     }
+
+
+# ------------------------------------------------------------------------------------------- report
+def render_jpeg_heatmap(study: JpegStudyResult | Mapping[str, Any], path: str | Path, cell: int = 78) -> Path:
+    """Draw one heat-map panel per extractor (rows: reference codec, columns: generated codec) to PNG."""
+    data = study.to_dict() if isinstance(study, JpegStudyResult) else dict(study)
+    codecs: list[str] = list(data["codecs"])
+    grids: dict[str, list[list[float]]] = data["fd"]
+    k = len(codecs)
+    title_f, label_f, value_f = _font(16), _font(13), _font(12)
+    margin_l, margin_t, gap = 92, 64, 40
+    panel_w = margin_l + k * cell + 20
+    width = max(1, len(grids)) * panel_w + gap
+    height = margin_t + k * cell + 70
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    for p, (name, grid) in enumerate(grids.items()):
+        arr = np.asarray(grid, dtype=np.float64)
+        finite = arr[np.isfinite(arr)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        span = hi - lo if hi > lo else 1.0
+        x0 = p * panel_w + gap // 2
+        draw.text((x0, 8), f"FD in {name}", fill="black", font=title_f)
+        draw.text((x0, 30), f"scale {fmt(lo)} … {fmt(hi)}", fill=(90, 90, 90), font=label_f)
+        draw.text((x0 + margin_l, margin_t - 18), "generated codec ->", fill="black", font=label_f)
+        for j, c in enumerate(codecs):
+            draw.text((x0 + margin_l + j * cell + 8, height - 62), c, fill="black", font=label_f)
+        draw.text((x0, height - 40), "rows: reference codec", fill="black", font=label_f)
+        for i, r in enumerate(codecs):
+            y = margin_t + i * cell
+            draw.text((x0 + 8, y + cell // 2 - 8), r, fill="black", font=label_f)
+            for j in range(k):
+                v = float(arr[i, j])
+                t = (v - lo) / span
+                colour = _colour(t)
+                x = x0 + margin_l + j * cell
+                draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=colour)
+                luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+                draw.text(
+                    (x + 6, y + cell // 2 - 8),
+                    fmt(v),
+                    fill="black" if luminance > 140 else "white",
+                    font=value_f,
+                )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+    return path
+
+
+def _set_line(prov: Mapping[str, Any]) -> str:
+    fov = f"{prov.get('fov_um')} µm" if prov.get("fov_um") is not None else "unknown"
+    return (
+        f"`{prov.get('source')}` ({prov.get('kind')}): {prov.get('count')} tiles, "
+        f"{prov.get('image_size', ['?'])[0]}×{prov.get('image_size', ['?', '?'])[1]} px, stored codec "
+        f"`{prov.get('stored_codec_label')}` (from {prov.get('codec_source')}), mpp {prov.get('mpp')}, "
+        f"field of view {fov}"
+    )
+
+
+def jpeg_markdown(d: Mapping[str, Any], heatmap: str | None) -> str:
+    codecs = d["codecs"]
+    out = ["## JPEG study", ""]
+    out.append(f"- reference: {_set_line(d['reference'])}")
+    if d["same_set"]:
+        out.append("- generated: the same set (each cell = distance created by the codecs alone)")
+    else:
+        out.append(f"- generated: {_set_line(d['generated'])}")
+    settings = d["codec_settings"]
+    q = next((s for s in settings.values() if s.get("reencoded")), None)
+    if q:
+        out.append(
+            f"- re-encoding: PIL {q['version']} (libjpeg {q['libjpeg']}), baseline, subsampling "
+            f"{q['subsampling']}, optimize off; `lossless` = stored pixels, unchanged"
+        )
+    out.append("")
+    for name, grid in d["fd"].items():
+        meta = d["stats_metadata"][name][codecs[0]]
+        out.append(f"### FD in `{name}`")
+        out.append("")
+        out.append(
+            f"weights `{meta.get('weights')}`, layer {meta.get('layer')}, resize `{json.dumps(meta.get('resize'))}`, "
+            f"input {meta.get('input_size')} px. Rows: reference codec; columns: generated codec."
+        )
+        out.append("")
+        rows = [[f"**{r}**"] + [fmt(v) for v in grid[i]] for i, r in enumerate(codecs)]
+        out.append(table(["ref \\ gen", *codecs], rows))
+        out.append("")
+    out.append("### Blockiness 8×8 (median per image; 1 ≈ no blocking)")
+    out.append("")
+    sides = ["reference"] if d["same_set"] else ["reference", "generated"]
+    rows = [[s] + [fmt(d["blockiness"][s][c]["median"]) for c in codecs] for s in sides]
+    out.append(table(["set", *codecs], rows))
+    out.append("")
+    if heatmap:
+        out.append(f"![JPEG grid]({heatmap})")
+        out.append("")
+    if d.get("warnings"):
+        out.append("Warnings:")
+        out.extend(f"- {w}" for w in d["warnings"])
+        out.append("")
+    return "\n".join(out)
