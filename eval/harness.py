@@ -17,7 +17,8 @@ under ``cytosyn/eval/studies/``) composes them:
    optionally re-encoded (``generated_codec``) and fed to the same extractors without being written
    anywhere;
 4. **metrics** (`compare_sets`, `fidelity`, `fd_bootstrap`) from the metric core: FD per extractor with a
-   bootstrap CI over generated tiles (the same replicates as `frechet_distance_ci`), KID,
+   half-sample interval and the bias-corrected FD (`cytosyn.eval.stats.fd_intervals`, the same subsets as
+   `frechet_distance_ci`), KID,
    precision/recall/density/coverage (k = 5), conditional fidelity in an encoder *other* than the
    conditioning one (refused otherwise) with a bootstrap CI and an unpaired baseline.
 
@@ -54,7 +55,6 @@ from cytosyn.generation import TileGenerator
 from .features import _Accumulator, _device, build_extractors, stats_metadata
 from .images import ImageSet, apply_codec, codec_label, codec_settings, parse_codec
 from .metrics import (
-    BootstrapCI,
     bootstrap_ci,
     conditional_fidelity,
     cosine_similarity_pairs,
@@ -67,7 +67,6 @@ from .stats import (
     FeatureStats,
     IncompatibleStatsError,
     fd_intervals,
-    frechet_distance,
 )
 
 __all__ = [
