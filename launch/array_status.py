@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cytosyn.formats import SLIDE_STATE_FILE, SLIDES_DIR
-from cytosyn.parts import read_part_records
+from cytosyn.parts import PARTS_DIR, read_part_records
 
 ARRAY_FILE = "array.json"
 _STAGE_DIRS = {"featurize": ".featurize", "sample": ".sample"}
@@ -35,6 +35,9 @@ def folder_stage(folder: Path) -> str | None:
         return "tile"
     for stage, sub in _STAGE_DIRS.items():
         if (folder / sub).is_dir():
+            return stage
+    for stage in ("tile", "featurize", "sample"):  # only part records so far (e.g. failed at once)
+        if any((folder / PARTS_DIR).glob(f"{stage}-part*-of*.json")):
             return stage
     return None
 
