@@ -136,6 +136,8 @@ def test_validation_refuses_empty_tasks_and_multi_node_tasks(tmp_path, fakes):
     assert any("accepted: force" in w for w in forced.warnings)
     with pytest.raises(LaunchError, match="nodes = 2"):
         run_array_launch("tile", cfg_path, [], launch_cfg(nodes=2), 2)
+    with pytest.raises(LaunchError, match="SLURM job arrays"):
+        run_array_launch("tile", cfg_path, [], launch_cfg(backend="torchrun"), 2)
     with pytest.raises(LaunchError, match=r"nothing to do|no slides"):
         run_array_launch(
             "tile", tile_yaml(tmp_path, slide_folder(tmp_path / "empty", 0)), [], launch_cfg(), 1
