@@ -346,6 +346,11 @@ def validate_array(
         report.errors.append(
             f"nodes = {cfg.nodes}: each array task runs on one node (use more --parts instead)"
         )
+    if cfg.backend != "slurm":
+        report.errors.append(
+            f"backend {cfg.backend}: data-stage arrays are SLURM job arrays; without SLURM run "
+            f"`cytosyn {stage} --part i/N` on each machine (cytosyn status still aggregates the parts)"
+        )
     report.warnings += [w.replace("run_dir", "output") for w in check_shared_storage(output, nodes=parts)]
     return report
 
