@@ -14,10 +14,13 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from cytosyn.config import ConfigError, load_config
+from cytosyn.fileio import is_storage_error
 from cytosyn.logs import setup_logging
+from cytosyn.parts import part_record
 
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_OUTPUT = 0, 1, 3, 4
 
@@ -45,11 +48,14 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     cfg = load_config(TileConfig, args.config, overrides)
     if not cfg.slides.input:
         raise ConfigError("no slides given: set slides.input in the config or pass --input")
-    try:
-        summary = run_tiling(cfg)
-    except OutputError as err:
-        logging.getLogger("cytosyn").error("%s", err)
-        return EXIT_OUTPUT
+    with part_record(cfg.output, "tile", cfg.run.part) as record:
+        try:
+            summary = run_tiling(cfg)
+        except OutputError as err:
+            logging.getLogger("cytosyn").error("%s", err)
+            record.update(status="failed", error_type="OutputError", error=str(err))
+            return EXIT_OUTPUT
+        record.update(**summary.as_dict())
     print(summary.report())
     return EXIT_PARTIAL if summary.failed else EXIT_OK
 
@@ -89,11 +95,14 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args, {"input": "input", "output": "output", "part": "part"})
     cfg = load_config(FeaturizeConfig, args.config, overrides)
-    try:
-        summary = run_featurize(cfg)
-    except FeaturizeError as err:
-        print(f"cytosyn featurize: {err}", file=sys.stderr)
-        return EXIT_ERROR
+    with part_record(cfg.output, "featurize", cfg.part) as record:
+        try:
+            summary = run_featurize(cfg)
+        except FeaturizeError as err:
+            print(f"cytosyn featurize: {err}", file=sys.stderr)
+            record.update(status="failed", error_type="FeaturizeError", error=str(err))
+            return EXIT_ERROR
+        record.update(**asdict(summary))
     print(summary.report())
     return EXIT_OK
 
@@ -122,11 +131,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args, {"model": "model", "split": "split", "output": "output", "part": "part"})
     cfg = load_config(SampleConfig, args.config, overrides)
-    try:
-        summary = run_sample(cfg)
-    except (SampleError, PipelineError) as err:
-        print(f"cytosyn sample: {err}", file=sys.stderr)
-        return EXIT_ERROR
+    with part_record(cfg.output, "sample", cfg.part) as record:
+        try:
+            summary = run_sample(cfg)
+        except (SampleError, PipelineError) as err:
+            print(f"cytosyn sample: {err}", file=sys.stderr)
+            record.update(status="failed", error_type=type(err).__name__, error=str(err))
+            return EXIT_ERROR
+        record.update(shards_done=summary.done, shards_skipped=summary.skipped, images=summary.images)
     print(summary.report())
     return EXIT_OK
 
@@ -160,6 +172,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"eval report: {out / 'report.html'} (markdown {out / 'report.md'}, numbers {out / 'metrics.json'})"
     )
     return EXIT_OK
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    """Training job (``cytosyn launch --config train.yaml``) or a data stage's array
+    (``cytosyn launch tile|featurize|sample --config X.yaml --parts N``)."""
+    from cytosyn.launch.arrays import STAGES, cmd_array
+    from cytosyn.launch.launch import cmd_launch
+
+    if args.stage is not None:
+        return cmd_array(args, args.stage, args.overrides)
+    if (
+        args.overrides and args.overrides[0] in STAGES
+    ):  # a stage after the options: cytosyn launch --parts 2 tile
+        return cmd_array(args, args.overrides[0], args.overrides[1:])
+    if args.parts is not None or args.submit or args.max_concurrent is not None:
+        raise ConfigError(f"--parts/--submit/--max-concurrent are for the data stages ({', '.join(STAGES)})")
+    return cmd_launch(args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from cytosyn.launch.array_status import folder_stage, status_text
+    from cytosyn.launch.launch import cmd_status
+
+    if args.run_dir.is_dir() and folder_stage(args.run_dir) is not None:
+        print(status_text(args.run_dir))
+        return EXIT_OK
+    return cmd_status(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -247,17 +286,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", type=Path, help="report folder (shorthand for output=...)")
     ev.set_defaults(func=_cmd_eval)
 
-    from cytosyn.launch.launch import add_launch_arguments, cmd_launch, cmd_status
+    from cytosyn.launch.arrays import add_array_arguments
+    from cytosyn.launch.launch import add_launch_arguments
 
     launch = verbs.add_parser(
-        "launch", help="render and submit a multi-node training job (SLURM or torchrun)"
+        "launch",
+        help="render and submit a multi-node training job (SLURM or torchrun), or a SLURM array of "
+        "tile / featurize / sample parts (cytosyn launch tile --config tile.yaml --parts 64)",
     )
     add_launch_arguments(launch)
-    launch.set_defaults(func=cmd_launch)
+    add_array_arguments(launch)
+    launch.set_defaults(func=_cmd_launch)
 
-    status = verbs.add_parser("status", help="progress of a training run folder")
+    status = verbs.add_parser(
+        "status",
+        help="progress of a training run folder, or of a tiles / features / synthetic folder's parts",
+    )
     status.add_argument("run_dir", type=Path)
-    status.set_defaults(func=cmd_status)
+    status.set_defaults(func=_cmd_status)
 
     demo = verbs.add_parser("demo", help="a tiny end-to-end run on bundled data")
     demo.add_argument("--output", type=Path, default=Path("demo_out"), help="demo folder (default demo_out)")
@@ -265,6 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-steps", type=int, default=None, help="training steps of the demo model")
     demo.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _lift_stage(argv: Sequence[str]) -> list[str]:
+    """``launch tile --config x.yaml key=v`` → ``launch --config x.yaml key=v --stage tile``: argparse reads
+    one run of positionals only, so the stage word cannot share the KEY=VALUE positional list."""
+    argv = list(argv)
+    verb = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if verb is not None and argv[verb] == "launch" and verb + 1 < len(argv):
+        from cytosyn.launch.arrays import STAGES
+
+        if argv[verb + 1] in STAGES:
+            return [*argv[: verb + 1], *argv[verb + 2 :], "--stage", argv[verb + 1]]
+    return argv
 
 
 class _VersionAction(argparse.Action):
@@ -290,7 +349,7 @@ _EXIT_WORDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_lift_stage(sys.argv[1:] if argv is None else argv))
     setup_logging(args.verbose)
     start = time.perf_counter()
     try:
@@ -298,6 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"cytosyn {args.verb}: {err}", file=sys.stderr)
         code = EXIT_ERROR
+    except OSError as err:
+        if not is_storage_error(err):
+            raise
+        # Finished work is kept (shards are complete or absent, manifests last): the same command
+        # continues once there is room.
+        print(f"cytosyn {args.verb}: cannot write the output: {err}", file=sys.stderr)
+        code = EXIT_OUTPUT
     except (FileNotFoundError, ValueError) as err:
         print(f"cytosyn {args.verb}: error: {err}", file=sys.stderr)
         code = EXIT_ERROR

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -10,6 +11,14 @@ from functools import lru_cache
 from pathlib import Path
 
 _HASH_CHUNK = 8 << 20
+
+# The storage itself refuses to take more: a full disk, an exhausted quota, a read-only file system.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """Whether ``err`` means the output storage is full or read-only (the CLI then exits 4: rerun later)."""
+    return isinstance(err, OSError) and err.errno in STORAGE_ERRNOS
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:

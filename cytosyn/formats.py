@@ -50,9 +50,23 @@ TILE_META_FIELDS = (
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
 
+def _escape(match: re.Match[str]) -> str:
+    return "".join(f"%{b:02X}" for b in match.group(0).encode("utf-8"))
+
+
+def key_safe(text: str) -> str:
+    """``text`` with every character outside ``[A-Za-z0-9_-]`` percent-encoded (UTF-8 bytes, ``%2E``).
+
+    Injective — two different ids never give the same key part, unlike replacing them all by ``_``
+    (``S.1`` and ``S_1`` used to collide) — and the identity on ids that are already safe, so the keys
+    of ordinary (TCGA) slides are unchanged. No dot (webdataset splits keys at the first dot), no slash.
+    """
+    return _KEY_UNSAFE.sub(_escape, text)
+
+
 def tile_key(slide_id: str, x: int, y: int) -> str:
-    """A webdataset key for a tile: no dots (webdataset splits at the first dot) and no slashes."""
-    return f"{_KEY_UNSAFE.sub('_', slide_id)}__x{x}_y{y}"
+    """A webdataset key for a tile: ``<slide id, percent-encoded where unsafe>__x<X>_y<Y>``."""
+    return f"{key_safe(slide_id)}__x{x}_y{y}"
 
 
 def canonical_json(obj: Any) -> bytes:

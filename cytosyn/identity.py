@@ -53,7 +53,7 @@ def read_slide_table(path: str | Path) -> dict[str, TableRow]:
     path = Path(path)
     if not path.is_file():
         raise SlideTableError(f"slide table {path} does not exist")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often write a BOM
     dialect = csv.excel_tab if path.suffix.lower() in {".tsv", ".tab"} else csv.excel
     reader = csv.DictReader(text.splitlines(), dialect=dialect)
     columns = set(reader.fieldnames or [])

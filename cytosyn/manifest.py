@@ -34,6 +34,8 @@ class ShardEntry(StrictModel):
     count: int  # samples in the shard
     bytes: int
     sha256: str
+    digests: str | None = None  # per-sample digest file (see cytosyn.shardio), when the writer made one
+    digests_sha256: str | None = None
 
 
 class FeatureEntry(StrictModel):

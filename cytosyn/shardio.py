@@ -4,6 +4,16 @@ Every stage that writes shards (tile, pack, featurize, sample) goes through :cla
 headers carry fixed owner, mode and mtime, so the same samples give byte-identical shards; each shard's
 sha256 is computed from the bytes as they are written (no second read); and a shard appears under its
 final name only once it is complete.
+
+Member names: the tar format is POSIX.1-2001 (PAX). A name that fits the 100-byte USTAR field gets a
+plain USTAR header, byte for byte what earlier versions wrote; a longer one (long slide ids: a TCGA
+export name easily passes 100 bytes once ``__x…_y….h0-mini_mean_patch.npy`` is appended) gets a PAX
+``path`` record first, which tarfile, webdataset, GNU tar and :mod:`cytosyn.data.tario` all read.
+
+Per-sample digests (``sample_digests=True``): beside ``<shard>`` a small ``<shard>.digests`` file holds
+one 16-byte BLAKE2b digest per sample (over its member names and bytes, not the tar headers). A reader
+whose shard no longer matches its sha256 can then drop exactly the damaged samples instead of the whole
+shard (:func:`read_sample_digests`, :func:`sample_digest`).
 """
 
 from __future__ import annotations
@@ -11,14 +21,22 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import struct
 import tarfile
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+
+from cytosyn.fileio import atomic_write_bytes
 
 _TAR_OWNER = "cytosyn"
 _TAR_MTIME = 0
 _TAR_MODE = 0o444
+
+
+DIGESTS_SUFFIX = ".digests"
+_DIGESTS_MAGIC = b"CYTOSYN-SAMPLE-DIGESTS/1\n"
+_DIGEST_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -27,9 +45,48 @@ class ShardInfo:
     count: int  # samples
     bytes: int
     sha256: str
+    digests: str | None = None  # per-sample digest file beside the shard (``<name>.digests``), if written
+    digests_sha256: str | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        out: dict[str, object] = {"name": self.name, "count": self.count, "bytes": self.bytes}
+        out["sha256"] = self.sha256
+        if self.digests is not None:
+            out |= {"digests": self.digests, "digests_sha256": self.digests_sha256}
+        return out
+
+
+def sample_digest(key: str, members: Iterable[tuple[str, bytes | bytearray | memoryview]]) -> bytes:
+    """16-byte BLAKE2b of one sample: each member's name (``key.ext``) and bytes, in tar order."""
+    h = hashlib.blake2b(digest_size=_DIGEST_SIZE)
+    for ext, data in members:
+        name = f"{key}.{ext}".encode()
+        h.update(struct.pack("<IQ", len(name), len(data)))
+        h.update(name)
+        h.update(data)
+    return h.digest()
+
+
+def _digests_blob(digests: list[bytes]) -> bytes:
+    return _DIGESTS_MAGIC + struct.pack("<Q", len(digests)) + b"".join(digests)
+
+
+def read_sample_digests(path: Path, sha256: str | None = None) -> list[bytes] | None:
+    """The per-sample digests of a ``.digests`` file, or None when it is missing, damaged or (with
+    ``sha256``) not the file the manifest recorded."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError:
+        return None
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        return None
+    head = len(_DIGESTS_MAGIC) + 8
+    if not blob.startswith(_DIGESTS_MAGIC) or len(blob) < head:
+        return None
+    (count,) = struct.unpack_from("<Q", blob, len(_DIGESTS_MAGIC))
+    if len(blob) != head + count * _DIGEST_SIZE:
+        return None
+    return [blob[head + i * _DIGEST_SIZE : head + (i + 1) * _DIGEST_SIZE] for i in range(count)]
 
 
 class _HashingFile:
@@ -54,16 +111,26 @@ class _HashingFile:
         self._f.close()
 
 
-def _add_sample(tar: tarfile.TarFile, sample: Mapping[str, object]) -> int:
-    """Append one sample's members (sorted by name, like webdataset) with fixed headers; returns bytes."""
+def _sample_members(sample: Mapping[str, object]) -> list[tuple[str, bytes | bytearray | memoryview]]:
+    """A sample's members as (extension, bytes), sorted by name like webdataset writes them."""
     key = str(sample["__key__"])
-    total = 0
+    members = []
     for name in sorted(k for k in sample if not k.startswith("_")):
         data = sample[name]
         if isinstance(data, str):
             data = data.encode("utf-8")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"member {name!r} of {key!r} must be bytes, got {type(data).__name__}")
+        members.append((name, data))
+    return members
+
+
+def _add_sample(
+    tar: tarfile.TarFile, key: str, members: list[tuple[str, bytes | bytearray | memoryview]]
+) -> int:
+    """Append one sample's members with fixed headers; returns the member bytes written."""
+    total = 0
+    for name, data in members:
         info = tarfile.TarInfo(f"{key}.{name}")
         info.size = len(data)
         info.mtime = _TAR_MTIME
@@ -78,7 +145,8 @@ class ShardWriter:
     """Writes samples (dicts of member name → bytes, plus ``__key__``) into size-bounded shards.
 
     A new shard starts when the current one holds ``max_samples`` samples or ``max_bytes`` bytes of
-    members. ``name_for(index)`` names shard number ``index`` (0-based).
+    members. ``name_for(index)`` names shard number ``index`` (0-based). ``sample_digests``: also write
+    ``<shard>.digests`` (see the module docstring), atomically, before the shard itself.
     """
 
     def __init__(
@@ -87,6 +155,7 @@ class ShardWriter:
         name_for: Callable[[int], str],
         max_samples: int,
         max_bytes: int | None = None,
+        sample_digests: bool = False,
     ):
         if max_samples < 1:
             raise ValueError("max_samples must be ≥ 1")
@@ -95,6 +164,8 @@ class ShardWriter:
         self.name_for = name_for
         self.max_samples = max_samples
         self.max_bytes = max_bytes
+        self.sample_digests = sample_digests
+        self._digests: list[bytes] = []
         self.shards: list[ShardInfo] = []
         self._file: _HashingFile | None = None
         self._tar: tarfile.TarFile | None = None
@@ -106,17 +177,25 @@ class ShardWriter:
         self._tmp = self.folder / f".{name}.partial"
         self._final = self.folder / name
         self._file = _HashingFile(self._tmp)
-        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)  # type: ignore[arg-type]
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[arg-type]
         self._count = 0
         self._payload = 0
+        self._digests = []
 
     def write(self, sample: Mapping[str, object]) -> None:
-        if "__key__" not in sample or "." in str(sample["__key__"]):
+        key = str(sample.get("__key__", ""))
+        if "__key__" not in sample or "." in key or not key:
             raise ValueError(f"sample key must exist and contain no dot: {sample.get('__key__')!r}")
+        members = _sample_members(sample)
         if self._tar is None:
             self._open()
         assert self._tar is not None
-        self._payload += _add_sample(self._tar, sample)
+        try:
+            self._payload += _add_sample(self._tar, key, members)
+        except (ValueError, tarfile.TarError) as err:
+            raise ValueError(f"cannot write sample {key!r} into {self._final}: {err}") from err
+        if self.sample_digests:
+            self._digests.append(sample_digest(key, members))
         self._count += 1
         if self._count >= self.max_samples or (self.max_bytes and self._payload >= self.max_bytes):
             self._close_current()
@@ -126,9 +205,22 @@ class ShardWriter:
             return
         self._tar.close()  # writes the end-of-archive blocks through the hashing file
         self._file.close()
+        digests = digests_sha = None
+        if self.sample_digests:  # before the shard: a shard under its final name always has its digests
+            blob = _digests_blob(self._digests)
+            digests = self._final.name + DIGESTS_SUFFIX
+            digests_sha = hashlib.sha256(blob).hexdigest()
+            atomic_write_bytes(self.folder / digests, blob)
         os.replace(self._tmp, self._final)
         self.shards.append(
-            ShardInfo(self._final.name, self._count, self._file.size, self._file.sha.hexdigest())
+            ShardInfo(
+                self._final.name,
+                self._count,
+                self._file.size,
+                self._file.sha.hexdigest(),
+                digests,
+                digests_sha,
+            )
         )
         self._tar = None
         self._file = None
@@ -201,6 +293,15 @@ def split_member_name(name: str) -> tuple[str, str]:
 Sample = tuple[str, list[tuple[str, bytes]]]  # key, [(member name, bytes)] in tar order
 
 
+def _check_end_marker(path: Path, offset: int) -> None:
+    """A tar ends with two zero blocks; tarfile's stream reader takes a header cut short for the end, so
+    a shard truncated between members would otherwise read as a shorter, valid one."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.read(1024) != bytes(1024):
+            raise tarfile.ReadError(f"no end-of-archive marker after byte {offset}")
+
+
 def iter_shard_samples(path: Path) -> Iterator[tuple[Sample, HashingReader]]:
     """Yield the samples of a webdataset tar in order, reading it once; the reader holds the running hash.
 
@@ -235,7 +336,9 @@ def iter_shard_samples(path: Path) -> Iterator[tuple[Sample, HashingReader]]:
                         seen.add(key)
                         current_key, members = key, []
                     members.append((ext, data))
+                end = tar.offset
             reader.drain()
+            _check_end_marker(path, end)
         except (tarfile.TarError, EOFError) as err:
             raise ShardReadError(f"{path} is truncated or not a valid tar: {err}") from None
         if current_key is not None:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import PIL
 from PIL import Image, features
+from pydantic import Field
 
 from cytosyn.config import StrictModel
 
@@ -23,12 +24,23 @@ class CodecConfig(StrictModel):
     """How tiles are stored. JPEG is lossy; PNG and WebP here are always lossless."""
 
     format: Literal["jpeg", "png", "webp"] = "jpeg"
-    quality: int = 95  # JPEG quality 1-95 (PIL advises against >95)
+    quality: int = Field(95, ge=1, le=100)  # JPEG quality 1-95 (PIL advises against >95)
     subsampling: Literal["4:4:4", "4:2:2", "4:2:0"] = "4:4:4"
     optimize: bool = False  # JPEG: optimised Huffman tables (smaller, slower)
     progressive: bool = False  # JPEG
-    png_compress_level: int = 6  # PNG zlib level 0-9
-    webp_method: int = 4  # lossless WebP effort 0-6 (higher = smaller, slower)
+    png_compress_level: int = Field(6, ge=0, le=9)  # PNG zlib level 0-9
+    webp_method: int = Field(4, ge=0, le=6)  # lossless WebP effort 0-6 (higher = smaller, slower)
+
+
+def jpeg_library() -> str:
+    """The JPEG library that makes the bytes, with its real version: ``"libjpeg-turbo 3.2.0"``.
+
+    Pillow's ``features.version("jpg")`` is the libjpeg *API level* ("6.2" for every libjpeg-turbo
+    release), which says nothing about the encoder; libjpeg-turbo reports its own version separately.
+    """
+    if features.check_feature("libjpeg_turbo"):
+        return f"libjpeg-turbo {features.version_feature('libjpeg_turbo')}"
+    return f"libjpeg {features.version('jpg')}"
 
 
 class TileEncoder:
@@ -51,7 +63,8 @@ class TileEncoder:
                 "subsampling": cfg.subsampling,
                 "optimize": cfg.optimize,
                 "progressive": cfg.progressive,
-                "libjpeg": features.version("jpg"),
+                "libjpeg": jpeg_library(),
+                "libjpeg_api": features.version("jpg"),
             }
         if cfg.format == "png":
             return common | {

@@ -35,9 +35,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from cytosyn.config import config_hash, parse_part, write_resolved_config
-from cytosyn.fileio import atomic_write_text, code_version
+from cytosyn.fileio import atomic_write_text, code_version, sha256_file
 from cytosyn.formats import IMAGE_EXTENSIONS
-from cytosyn.manifest import FeatureEntry, ManifestError, ShardEntry, read_manifest, write_manifest
+from cytosyn.manifest import (
+    FeatureEntry,
+    ManifestError,
+    ShardEntry,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+)
 from cytosyn.shardio import ShardReadError, ShardWriter, iter_shard_samples
 
 log = logging.getLogger(__name__)
@@ -219,7 +226,12 @@ def featurize_shard(
 ) -> dict[str, Any]:
     """Featurize one input shard into the output folder; returns its state (hashes, counts, sums)."""
     src = cfg.input / entry.name
-    writer = ShardWriter(cfg.output, lambda _: entry.name, max_samples=entry.count + 1)
+    if cfg.verify_input and sha256_file(src) != entry.sha256:
+        # before any model runs: a changed shard would otherwise cost a full pass of the encoders first
+        raise FeaturizeError(
+            f"{src} changed since packing: its sha256 differs from the input manifest (refusing it)"
+        )
+    writer = ShardWriter(cfg.output, lambda _: entry.name, max_samples=entry.count + 1, sample_digests=True)
     sums = _LatentSums()
     pending: list[tuple[str, list[tuple[str, bytes]]]] = []
     count = 0
@@ -335,6 +347,39 @@ def _load_state(cfg: FeaturizeConfig, entry: ShardEntry, settings: str) -> dict[
     return state
 
 
+def _check_output_folder(cfg: FeaturizeConfig, manifest) -> None:
+    """Refuse an output folder that holds another split (a packed one, or features of other input).
+
+    Writing there would replace that split's shards and then its manifest. A folder this featurize
+    run made before (same input shards) is fine: the run resumes or is a no-op.
+    """
+    out = cfg.output
+    if not out.is_dir():
+        return
+    ours = [e.sha256 for e in manifest.shards]
+    if manifest_path(out).is_file():
+        try:
+            existing = read_manifest(out)
+        except (ManifestError, ValueError) as err:
+            raise FeaturizeError(
+                f"output {out} holds an unreadable manifest ({err}); choose another folder"
+            ) from None
+        made = [h for h in existing.history if h.get("verb") == "featurize"]
+        if not made or made[-1].get("input_manifest_shards_sha256") != ours:
+            what = "the features of another input" if made else "a packed split"
+            raise FeaturizeError(
+                f"output {out} already holds split {existing.split!r} ({what}); featurizing {cfg.input} there "
+                "would replace it. Choose an empty or new output folder"
+            )
+    names = {e.name for e in manifest.shards}
+    strangers = sorted(p.name for p in out.glob("*.tar") if p.name not in names)
+    if strangers:
+        raise FeaturizeError(
+            f"output {out} holds shards that are not from {cfg.input} ({', '.join(strangers[:3])}"
+            f"{', ...' if len(strangers) > 3 else ''}); choose an empty or new output folder"
+        )
+
+
 def run_featurize(cfg: FeaturizeConfig) -> FeaturizeSummary:
     """Featurize this part's shards (skipping those already done) and finish the manifest when complete."""
     t0 = time.perf_counter()
@@ -344,6 +389,7 @@ def run_featurize(cfg: FeaturizeConfig) -> FeaturizeSummary:
         raise FeaturizeError(str(err)) from None
     if cfg.input.resolve() == cfg.output.resolve():
         raise FeaturizeError("output must be another folder than input (input shards are never rewritten)")
+    _check_output_folder(cfg, manifest)
     taken = {f.member for f in manifest.features}
     cfg.output.mkdir(parents=True, exist_ok=True)
     (cfg.output / STATE_DIR).mkdir(exist_ok=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from cytosyn.config import StrictModel
 
@@ -27,13 +28,15 @@ _LEVEL_MATCH_RTOL = 1e-3
 class GridConfig(StrictModel):
     """The tile grid: size and resolution of tiles, spacing, which ones are kept."""
 
-    mpp: float = 0.5  # microns per pixel of the output tiles
-    tile_px: int = 224  # output tile side in pixels (224 px at 0.5 mpp = 112 µm, as CytoSyn)
-    stride_px: int | None = None  # grid step in output pixels; None = tile_px (no overlap, no gap)
-    min_tissue_fraction: float = 0.5  # tiles with less tissue than this are not kept
-    max_tiles_per_slide: int | None = None  # keep at most this many, sampled deterministically
-    seed: int = 0  # for the per-slide sampling under max_tiles_per_slide
-    mpp_tolerance: float = 0.02  # a scan up to 2% coarser than the target is used as is (slight upsample)
+    mpp: float = Field(0.5, gt=0, le=1000)  # microns per pixel of the output tiles
+    tile_px: int = Field(224, ge=1, le=16384)  # output tile side in pixels (224 px at 0.5 mpp = 112 µm)
+    stride_px: int | None = Field(
+        None, ge=1
+    )  # grid step in output pixels; None = tile_px (no overlap, no gap)
+    min_tissue_fraction: float = Field(0.5, ge=0, le=1)  # tiles with less tissue than this are not kept
+    max_tiles_per_slide: int | None = Field(None, ge=1)  # keep at most this many, sampled deterministically
+    seed: int = Field(0, ge=0)  # for the per-slide sampling under max_tiles_per_slide
+    mpp_tolerance: float = Field(0.02, ge=0, lt=1)  # a scan up to 2% coarser than the target is used as is
     finer_than_scan: Literal["error", "warn"] = "error"  # target mpp finer than the scan: refuse or warn
 
 

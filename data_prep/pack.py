@@ -41,7 +41,7 @@ import struct
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,16 @@ from cytosyn.manifest import (
     read_manifest,
     write_manifest,
 )
-from cytosyn.shardio import HashingReader, Sample, ShardReadError, ShardWriter, iter_shard_samples
+from cytosyn.shardio import (
+    HashingReader,
+    Sample,
+    ShardReadError,
+    ShardWriter,
+    iter_shard_samples,
+    read_sample_digests,
+    sample_digest,
+)
+from cytosyn.workers import worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +98,8 @@ def shard_name(split: str, index: int) -> str:
 
 
 def _shard_pattern(split: str) -> re.Pattern[str]:
-    return re.compile(rf"^\.?{re.escape(split)}-\d{{6}}\.tar(\.partial)?$")
+    # the shard, its .partial while written, its .digests and that file's atomic-write temporaries
+    return re.compile(rf"^\.?{re.escape(split)}-\d{{6}}\.tar(\.partial|\.digests(\.[^.]+\.tmp)?)?$")
 
 
 def _listing(items: list[str], n: int = _LIST_SHOWN) -> str:
@@ -622,7 +632,7 @@ def run_pack(cfg: PackConfig) -> PackSummary:
     shutil.rmtree(work, ignore_errors=True)
     executor = None
     if cfg.run.workers > 1:
-        executor = ProcessPoolExecutor(cfg.run.workers, mp_context=multiprocessing.get_context("spawn"))
+        executor = worker_pool(cfg.run.workers, multiprocessing.get_context("spawn"))
     try:
         image_members = _stream_inputs(cfg, plans, inputs, work, executor)
         shard_lists = _write_shards(cfg, plans, work, executor)
@@ -638,7 +648,7 @@ def run_pack(cfg: PackConfig) -> PackSummary:
             split=p.name,
             image_member=image_members[p.name],
             samples=p.samples,
-            shards=[ShardEntry(name=s.name, count=s.count, bytes=s.bytes, sha256=s.sha256) for s in shards],
+            shards=[ShardEntry(**s.as_dict()) for s in shards],
             patients=p.patients,
             slides=sorted(s.slide_id for s in p.slides),
             stats=_split_stats(cfg, p),
@@ -981,7 +991,7 @@ def _write_task(
         raise RuntimeError(
             f"internal error: bucket {bucket} of split {split} holds {len(records)} samples, expected {expected}"
         )
-    writer = ShardWriter(folder, lambda _i: shard_name(split, bucket), max_samples=size)
+    writer = ShardWriter(folder, lambda _i: shard_name(split, bucket), max_samples=size, sample_digests=True)
     try:
         for _, key, members in records:
             writer.write({"__key__": key, **dict(members)})
@@ -1094,6 +1104,17 @@ def verify_dataset(dataset_dir: str | Path, *, progress: bool = True) -> VerifyR
     except (OSError, ValueError, AttributeError):
         order = []
     split_dirs.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+    if not (root / SUMMARY_FILE).is_file():
+        rep.violations.append(
+            f"no {SUMMARY_FILE} under {root}: the pack did not finish (killed before its manifests and summary "
+            "were all written?); run the same pack command again"
+        )
+    present = {d.name for d in split_dirs}
+    for name in order:
+        if name not in present:
+            rep.violations.append(
+                f"split {name}: manifest missing ({root / name / MANIFEST_FILE}), though {SUMMARY_FILE} lists it"
+            )
     if not split_dirs:
         rep.violations.append(f"no split manifest ({MANIFEST_FILE}) under {root}")
         return rep
@@ -1183,8 +1204,20 @@ def _verify_split(folder: Path, m: SplitManifest, rep: VerifyReport, bar) -> tup
             )
         count = 0
         reader = None
+        digests = None
+        if entry.digests is not None:
+            digests = read_sample_digests(folder / entry.digests, entry.digests_sha256)
+            if digests is None:
+                rep.violations.append(
+                    f"split {name}: {entry.digests} is missing or does not match the manifest"
+                )
+        damaged = 0
         try:
             for (key, members), reader in iter_tar_samples(path):  # noqa: B007
+                if digests is not None and (
+                    count >= len(digests) or sample_digest(key, members) != digests[count]
+                ):
+                    damaged += 1
                 count += 1
                 keys.append(_key_hash(key))
                 exts = [e for e, _ in members]
@@ -1217,6 +1250,10 @@ def _verify_split(folder: Path, m: SplitManifest, rep: VerifyReport, bar) -> tup
         if count != entry.count:
             rep.violations.append(
                 f"split {name}: shard {entry.name} holds {count} samples, manifest says {entry.count}"
+            )
+        if damaged:
+            rep.violations.append(
+                f"split {name}: {damaged} sample(s) of {entry.name} differ from their digests"
             )
     if keys:
         arr = np.sort(np.asarray(keys, dtype=np.uint64))

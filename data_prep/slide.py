@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def read_mpp_overrides(path: str | Path) -> dict[str, tuple[float, float]]:
     """Read a CSV with ``slide_id`` and ``mpp`` (or ``mpp_x`` and ``mpp_y``) columns."""
     path = Path(path)
     table: dict[str, tuple[float, float]] = {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets often write a BOM
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or [])
         if "slide_id" not in cols or not ({"mpp"} <= cols or {"mpp_x", "mpp_y"} <= cols):
@@ -117,6 +118,10 @@ def resolve_resolution(
 def open_slide(path: str | Path) -> openslide.OpenSlide:
     """Open a slide with OpenSlide, turning its low-level errors into a :class:`SlideError`."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise SlideError(
+            f"{path}: broken symbolic link (it points to {os.readlink(path)}, which does not exist)"
+        )
     if not path.exists():
         raise SlideError(f"{path}: file does not exist")
     size = path.stat().st_size
@@ -145,6 +150,11 @@ def _untiled_tiff_hint(path: Path) -> str:
     except Exception:
         return ""
     return ""
+
+
+def reader_versions() -> dict[str, str]:
+    """What decoded the slide: the OpenSlide C library and openslide-python versions (provenance)."""
+    return {"openslide": openslide.__library_version__, "openslide-python": openslide.__version__}
 
 
 def background_rgb(props: dict[str, str]) -> tuple[int, int, int]:

@@ -172,6 +172,12 @@ def assign_splits(
                 f"held-out split {holdout_split!r} would be empty: none of the held-out TSSs "
                 f"{sorted(holdout)} has a usable slide (TSSs present: {sorted(present)[:20]})"
             )
+        unknown = sorted(holdout - present)
+        if unknown:  # a typo: that TSS's patients would silently land in the ratio splits
+            raise SplitError(
+                f"held-out TSS(s) {unknown} match no usable slide (TSSs present: {sorted(present)[:20]}); "
+                "fix split.holdout_tss"
+            )
         for patient, recs in by_patient.items():
             tss = {r.tss for r in recs}
             if tss & holdout:

@@ -26,11 +26,11 @@ class SlidesConfig(StrictModel):
 class ShardConfig(StrictModel):
     """Size bounds of the per-slide shards."""
 
-    max_samples: int = 1024  # tiles per shard at most
-    max_bytes: int = 1 << 30  # bytes of tile members per shard at most
+    max_samples: int = Field(1024, ge=1)  # tiles per shard at most
+    max_bytes: int = Field(1 << 30, ge=1)  # bytes of tile members per shard at most
     # A slide's tiles are cut in bands of this many, in parallel; each band writes its own shards, so
     # this decides the shard layout (it is part of the settings hash), never the worker count.
-    tiles_per_task: int = 1024
+    tiles_per_task: int = Field(1024, ge=1)
 
 
 class RunConfig(StrictModel):
@@ -40,8 +40,12 @@ class RunConfig(StrictModel):
     part: str = "0/1"  # "i/N": this machine takes slides i, i+N, i+2N, ... of the sorted list
     progress: bool = True
     overview: bool = True  # write overview.png (tissue mask + kept tiles) per slide
-    strip_px: int = 4096  # read a row of neighbouring tiles as one region up to this wide (level px)
-    keep_level_mb: int = 64  # slides without a pyramid up to this size are decoded once, not twice
+    strip_px: int = Field(
+        4096, ge=1
+    )  # read a row of neighbouring tiles as one region up to this wide (level px)
+    keep_level_mb: int = Field(
+        64, ge=0
+    )  # slides without a pyramid up to this size are decoded once, not twice
 
     @field_validator("part")
     @classmethod
@@ -78,5 +82,3 @@ class TileConfig(StrictModel):
             "shards": self.shards.model_dump(mode="json"),
             "project_from_folder": self.slides.project_from_folder,
         }
-
-

@@ -27,7 +27,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from cytosyn.data_prep.grid import (
     choose_level,
     effective_mpp,
     grid_positions,
+    is_integer_downsample,
     level0_corner,
     plan_level,
     sample_indices,
@@ -48,10 +49,11 @@ from cytosyn.data_prep.slide import (
     open_slide,
     read_mpp_overrides,
     read_rgb,
+    reader_versions,
     resolve_resolution,
 )
 from cytosyn.data_prep.tile_config import TileConfig
-from cytosyn.data_prep.tissue import box_fractions, detect_tissue
+from cytosyn.data_prep.tissue import box_fractions, detect_tissue, tile_tissue_fraction
 from PIL import Image
 from tqdm import tqdm
 
@@ -67,6 +69,7 @@ from cytosyn.formats import (
 )
 from cytosyn.identity import SlideIdentity, TableRow, read_slide_table, resolve_identity
 from cytosyn.shardio import ShardWriter
+from cytosyn.workers import worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +95,40 @@ class SlideSource:
     folder_project: str | None
 
 
+def _walk_files(root: Path) -> list[Path]:
+    """Every file under ``root``, following symbolic links to folders (each real folder once, so a
+    link cycle cannot recurse); dangling links are returned too, so they fail visibly, not silently."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found.extend(Path(folder) / name for name in files)  # a dangling link is listed here
+    return sorted(found)
+
+
 def discover_slides(inputs: Iterable[Path], extensions: Iterable[str]) -> list[SlideSource]:
-    """Expand files, folders and ``.txt`` lists into slides, sorted by slide id; ids must be unique."""
+    """Expand files, folders and ``.txt`` lists into slides, sorted by slide id; ids must be unique.
+
+    Folders are searched recursively, through symbolic links to other folders. A link whose target
+    is gone is kept as a slide, which then fails with "broken symbolic link" in the summary.
+    """
     exts = {e.lower() for e in extensions}
     paths: list[Path] = []
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            paths.extend(p for p in sorted(item.rglob("*")) if p.is_file() and p.suffix.lower() in exts)
+            paths.extend(
+                p for p in _walk_files(item) if p.suffix.lower() in exts and (p.is_file() or p.is_symlink())
+            )
         elif item.suffix.lower() == ".txt" and item.is_file():
             lines = [ln.strip() for ln in item.read_text().splitlines()]
             paths.extend(Path(ln) for ln in lines if ln and not ln.startswith("#"))
-        elif item.exists():
+        elif item.exists() or item.is_symlink():
             paths.append(item)
         else:
             raise FileNotFoundError(f"slide input {item} does not exist")
@@ -129,6 +154,7 @@ class SlideJob:
     identity: SlideIdentity
     mpp_override: tuple[float, float] | None
     signature: str  # settings + input identity; equal signature + done state ⇒ skip
+    fingerprint: str | None = None  # of the slide file (None: unreadable)
 
 
 @dataclass
@@ -143,6 +169,7 @@ class SlidePlan:
     level_image: np.ndarray | None  # the whole tile level, when small enough to keep (see _read_overview)
     stats: dict[str, Any]
     seconds: float
+    threshold: float = 0.0  # the slide's saturation threshold (the pixel rule of tile_tissue_fraction)
 
 
 @dataclass
@@ -160,6 +187,7 @@ class BandResult:
     shards: list[dict[str, Any]]
     tiles: int
     seconds: float
+    rejected: int = 0  # candidates whose own pixels hold less tissue than grid.min_tissue_fraction
 
 
 @dataclass
@@ -180,6 +208,8 @@ class TilingSummary:
     tiles: int = 0
     seconds: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)
+    unmatched_mpp_overrides: list[str] = field(default_factory=list)  # override rows naming no slide
+    unmatched_slide_table: list[str] = field(default_factory=list)  # slide table rows naming no slide
 
     @property
     def tiles_per_s(self) -> float:
@@ -196,6 +226,13 @@ class TilingSummary:
             f"({self.tiles_per_s:.1f} tiles/s)"
         ]
         lines += [f"  FAILED {f['slide_id']}: {f['error_type']}: {f['error']}" for f in self.failures]
+        for what, ids in (
+            ("mpp override rows", self.unmatched_mpp_overrides),
+            ("slide table rows", self.unmatched_slide_table),
+        ):
+            if ids:
+                shown = ", ".join(ids[:10]) + (f", ... ({len(ids) - 10} more)" if len(ids) > 10 else "")
+                lines.append(f"  WARNING: {len(ids)} {what} match no slide of the input: {shown}")
         return "\n".join(lines)
 
 
@@ -250,7 +287,9 @@ def _read_overview(
     level = choose_level(slide.level_downsamples, min(mask_ds))
     ds = slide.level_downsamples[level]
     lw, lh = slide.level_dimensions[level]
-    if level == tile_level and lw * lh * 3 <= keep_bytes:
+    # Cutting tiles from the whole level equals re-reading them only when level pixels sit at integer
+    # level-0 positions (see tile_band); a fractional downsample always reads tile by tile.
+    if level == tile_level and lw * lh * 3 <= keep_bytes and is_integer_downsample(ds):
         whole = read_rgb(slide, (0, 0), level, (lw, lh), background)
         overview = np.asarray(Image.fromarray(whole).resize((out_w, out_h), Image.Resampling.BOX))
         return overview, whole, f"level {level}"
@@ -289,6 +328,7 @@ def plan_slide(job: SlideJob, cfg: TileConfig) -> SlidePlan:
             cfg.tissue.use_thumbnail,
         )
         mask, threshold = detect_tissue(overview, cfg.tissue)
+        reader = reader_versions()
         level_dims = slide.level_dimensions[level_plan.level]
     finally:
         slide.close()
@@ -320,6 +360,8 @@ def plan_slide(job: SlideJob, cfg: TileConfig) -> SlidePlan:
         "tissue_fraction_of_slide": round(float(mask.mean()), 6),
         "saturation_threshold": round(threshold, 6),
         "overview_source": overview_source,
+        "fraction_from": cfg.tissue.fraction_from,
+        "reader": reader,
     }
     plan = SlidePlan(
         job=job,
@@ -332,6 +374,7 @@ def plan_slide(job: SlideJob, cfg: TileConfig) -> SlidePlan:
         level_image=level_image if len(keep) else None,
         stats=stats,
         seconds=0.0,
+        threshold=threshold,
     )
     if cfg.run.overview:
         folder = slide_dir(cfg.output, source.slide_id) / INCOMPLETE_DIR
@@ -409,6 +452,8 @@ def tile_band(task: BandTask, cfg: TileConfig) -> BandResult:
         "tile_px": cfg.grid.tile_px,
         "resample": lp.resample,
         "codec": encoder.settings,
+        "reader": plan.stats["reader"],
+        "background": list(plan.background),  # transparent pixels are composited over this colour
     }
     level_xy = plan.level_xy[task.start : task.stop]
     fractions = plan.fractions[task.start : task.stop]
@@ -423,8 +468,19 @@ def tile_band(task: BandTask, cfg: TileConfig) -> BandResult:
     )
     slide = open_slide(job.source.path) if plan.level_image is None else None
     sw, sh = lp.level_size
+    # A strip read places its first tile at a level-0 corner; OpenSlide maps it to level pixels by
+    # dividing by the downsample. With an integer downsample every tile of the strip then sits at a
+    # whole level pixel, exactly where its own read would put it. With a fractional one (Aperio's
+    # 4.000177, a 2.00017 pyramid) each corner maps to another sub-pixel phase, which OpenSlide
+    # interpolates, so only a read per tile gives what re-reading the tile from its JSON gives.
+    if is_integer_downsample(lp.downsample):
+        runs = _strip_runs(level_xy, lp, cfg.run.strip_px)
+    else:
+        runs = [(k, k + 1) for k in range(len(level_xy))]
+    by_tile = cfg.tissue.fraction_from == "tile"
+    rejected = 0
     try:
-        for i, j in _strip_runs(level_xy, lp, cfg.run.strip_px):
+        for i, j in runs:
             lx0, ly = int(level_xy[i, 0]), int(level_xy[i, 1])
             width = int(level_xy[j - 1, 0]) + sw - lx0
             if slide is None:
@@ -436,8 +492,14 @@ def tile_band(task: BandTask, cfg: TileConfig) -> BandResult:
             for k in range(i, j):
                 off = int(level_xy[k, 0]) - lx0
                 tile = _resize(strip[:, off : off + sw], cfg.grid.tile_px, lp.resample)
+                fraction = float(fractions[k])
+                if by_tile:
+                    fraction = tile_tissue_fraction(tile, plan.threshold, cfg.tissue)
+                    if fraction < cfg.grid.min_tissue_fraction:
+                        rejected += 1
+                        continue
                 x, y = int(xy0[k, 0]), int(xy0[k, 1])
-                meta = common | {"x": x, "y": y, "tissue_fraction": round(float(fractions[k]), 4)}
+                meta = common | {"x": x, "y": y, "tissue_fraction": round(fraction, 4)}
                 writer.write(
                     {
                         "__key__": tile_key(sid, x, y),
@@ -452,7 +514,9 @@ def tile_band(task: BandTask, cfg: TileConfig) -> BandResult:
     finally:
         if slide is not None:
             slide.close()
-    return BandResult(sid, task.band, [s.as_dict() for s in shards], len(level_xy), time.perf_counter() - t0)
+    written = len(level_xy) - rejected
+    seconds = time.perf_counter() - t0
+    return BandResult(sid, task.band, [s.as_dict() for s in shards], written, seconds, rejected)
 
 
 # Worker entry points: exceptions come back as values so one bad slide never kills the pool.
@@ -475,11 +539,11 @@ def _band_entry(task: BandTask, cfg: TileConfig) -> BandResult | Failure:
 # --------------------------------------------------------------------------------------------------
 
 
-def _slide_signature(cfg: TileConfig, source: SlideSource, identity, override) -> str:
+def _slide_signature(cfg: TileConfig, fingerprint: str, identity, override) -> str:
     return config_hash(
         {
             "settings": cfg.output_settings(),
-            "fingerprint": file_fingerprint(source.path),
+            "fingerprint": fingerprint,
             "identity": identity.as_dict(),
             "mpp_override": list(override) if override else None,
         }
@@ -525,6 +589,8 @@ def _finalize_slide(cfg: TileConfig, plan: SlidePlan, bands: list[BandResult]) -
         os.replace(incomplete / OVERVIEW_FILE, folder / OVERVIEW_FILE)
     shutil.rmtree(incomplete, ignore_errors=True)
     tiles = sum(b.tiles for b in bands)
+    rejected = sum(b.rejected for b in bands)
+    stats = plan.stats | {"tiles_kept": tiles, "candidates_rejected_by_tile_fraction": rejected}
     _write_state(
         folder,
         _state_common(cfg, job)
@@ -535,7 +601,8 @@ def _finalize_slide(cfg: TileConfig, plan: SlidePlan, bands: list[BandResult]) -
             "source_mpp": list(plan.source_mpp),
             "mpp_source": plan.mpp_source,
             "level_plan": asdict(plan.level_plan),
-            "stats": plan.stats,
+            "reader": plan.stats["reader"],
+            "stats": stats,
             "timing": {
                 "plan_seconds": round(plan.seconds, 3),
                 "tile_seconds": round(sum(b.seconds for b in bands), 3),
@@ -549,6 +616,7 @@ def _state_common(cfg: TileConfig, job: SlideJob) -> dict[str, Any]:
     return {
         "slide_id": job.source.slide_id,
         "slide_path": str(job.source.path),
+        "fingerprint": job.fingerprint,
         "identity": job.identity.as_dict(),
         "signature": job.signature,
         "settings_hash": config_hash(cfg.output_settings()),
@@ -600,26 +668,67 @@ def _check_output_writable(output: Path) -> None:
         raise OutputError(f"cannot write to the output folder {output}: {err}") from None
 
 
-def prepare_jobs(cfg: TileConfig) -> list[SlideJob]:
-    """Discover this part's slides and settle their identity, override and signature."""
-    sources = discover_slides(cfg.slides.input, cfg.slides.extensions)
+def prepare_jobs(cfg: TileConfig, summary: TilingSummary | None = None) -> list[SlideJob]:
+    """Discover this part's slides and settle their identity, override and signature.
+
+    Rows of the mpp override table or the slide table that name no slide of the input (all parts)
+    are logged and listed in ``summary``: a typo there would otherwise silently leave a slide without
+    its override.
+    """
+    all_sources = discover_slides(cfg.slides.input, cfg.slides.extensions)
     part, parts = parse_part(cfg.run.part)
-    sources = sources[part::parts]
+    sources = all_sources[part::parts]
     table: dict[str, TableRow] | None = (
         read_slide_table(cfg.slides.slide_table) if cfg.slides.slide_table else None
     )
     overrides = read_mpp_overrides(cfg.slides.mpp_overrides) if cfg.slides.mpp_overrides else {}
+    ids = {s.slide_id for s in all_sources}
+    for what, rows, field_name in (
+        ("mpp override table", overrides, "unmatched_mpp_overrides"),
+        ("slide table", table or {}, "unmatched_slide_table"),
+    ):
+        unmatched = sorted(set(rows) - ids)
+        if unmatched:
+            log.warning(
+                "%d row(s) of the %s name no input slide: %s", len(unmatched), what, ", ".join(unmatched[:20])
+            )
+            if summary is not None:
+                setattr(summary, field_name, unmatched)
     jobs = []
     for src in sources:
         folder_project = src.folder_project if cfg.slides.project_from_folder else None
         identity = resolve_identity(src.slide_id, table, folder_project)
         override = overrides.get(src.slide_id)
         try:
-            signature = _slide_signature(cfg, src, identity, override)
+            fingerprint: str | None = file_fingerprint(src.path)
+            signature = _slide_signature(cfg, fingerprint, identity, override)
         except OSError as err:
-            signature = f"unreadable:{err}"
-        jobs.append(SlideJob(src, identity, override, signature))
+            fingerprint, signature = None, f"unreadable:{err}"
+        jobs.append(SlideJob(src, identity, override, signature, fingerprint))
     return jobs
+
+
+def _source_conflict(folder: Path, job: SlideJob) -> str | None:
+    """Why this slide must not be tiled into ``folder``: another file with the same id made it.
+
+    The slide id is the file name, so two folders can hold different slides called ``S.svs``; tiling
+    the second into an output that already holds the first would silently replace the first one's
+    tiles. The same file moved elsewhere (equal fingerprint) is the same slide and is not a conflict.
+    """
+    try:
+        state = json.loads((folder / SLIDE_STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    previous = state.get("slide_path")
+    if not previous or os.path.abspath(previous) == os.path.abspath(job.source.path):
+        return None
+    if state.get("fingerprint") is not None and state.get("fingerprint") == job.fingerprint:
+        return None
+    return (
+        f"slide id {job.source.slide_id!r} already tiled from {previous} (status {state.get('status')}); "
+        f"{job.source.path} is another file with the same name. Tile it into another output folder, "
+        f"rename it, or delete {folder} to replace the first slide"
+    )
 
 
 def run_tiling(cfg: TileConfig) -> TilingSummary:
@@ -627,11 +736,20 @@ def run_tiling(cfg: TileConfig) -> TilingSummary:
     t_start = time.perf_counter()
     _check_output_writable(cfg.output)
     write_resolved_config(cfg, cfg.output / "tile_config.yaml")
-    jobs = prepare_jobs(cfg)
-    summary = TilingSummary(slides_total=len(jobs))
+    summary = TilingSummary()
+    jobs = prepare_jobs(cfg, summary)
+    summary.slides_total = len(jobs)
     todo = []
     for job in jobs:
-        if _is_done(slide_dir(cfg.output, job.source.slide_id), job.signature):
+        folder = slide_dir(cfg.output, job.source.slide_id)
+        conflict = _source_conflict(folder, job)
+        if conflict is not None:  # refused without touching the folder: the first slide's tiles stay
+            summary.failed += 1
+            summary.failures.append(
+                {"slide_id": job.source.slide_id, "error_type": "SameSlideId", "error": conflict}
+            )
+            log.error("slide %s refused: %s", job.source.slide_id, conflict)
+        elif _is_done(folder, job.signature):
             summary.skipped += 1
         else:
             todo.append(job)
@@ -645,7 +763,7 @@ def run_tiling(cfg: TileConfig) -> TilingSummary:
         # and no inherited OpenSlide handles or threads from this process).
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["cytosyn.data_prep.tiler"])
-        executor = ProcessPoolExecutor(workers, mp_context=context)
+        executor = worker_pool(workers, context)
     bar = tqdm(total=len(todo), unit="slide", desc="tile", disable=not cfg.run.progress, dynamic_ncols=True)
     pending = deque(todo)
     bands: deque[BandTask] = deque()
@@ -713,6 +831,11 @@ def run_tiling(cfg: TileConfig) -> TilingSummary:
                     results.append(result)
                     if len(results) == total:
                         del open_slides[sid]
+                        if not any(r.tiles for r in results):  # every candidate failed its own fraction
+                            stats = plan.stats | {"candidates_rejected_by_tile_fraction": len(plan.level_xy)}
+                            message = _no_tissue_message(cfg, plan, rejected=len(plan.level_xy))
+                            fail(job, Failure(sid, "NoTissue", message), {"stats": stats})
+                            continue
                         summary.tiles += _finalize_slide(cfg, plan, results)
                         summary.done += 1
                         bar.update(1)
@@ -735,7 +858,12 @@ def run_tiling(cfg: TileConfig) -> TilingSummary:
     return summary
 
 
-def _no_tissue_message(cfg: TileConfig, plan: SlidePlan) -> str:
+def _no_tissue_message(cfg: TileConfig, plan: SlidePlan, rejected: int = 0) -> str:
+    if rejected:
+        return (
+            f"no tissue: {rejected} of {plan.stats['grid_tiles']} grid tiles looked like tissue on the overview, "
+            f"but none reaches grid.min_tissue_fraction={cfg.grid.min_tissue_fraction} in its own pixels"
+        )
     return (
         f"no tissue: 0 of {plan.stats['grid_tiles']} grid tiles reach "
         f"grid.min_tissue_fraction={cfg.grid.min_tissue_fraction}"

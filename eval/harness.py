@@ -17,7 +17,8 @@ under ``cytosyn/eval/studies/``) composes them:
    optionally re-encoded (``generated_codec``) and fed to the same extractors without being written
    anywhere;
 4. **metrics** (`compare_sets`, `fidelity`, `fd_bootstrap`) from the metric core: FD per extractor with a
-   bootstrap CI over generated tiles (the same replicates as `frechet_distance_ci`), KID,
+   half-sample interval and the bias-corrected FD (`cytosyn.eval.stats.fd_intervals`, the same subsets as
+   `frechet_distance_ci`), KID,
    precision/recall/density/coverage (k = 5), conditional fidelity in an encoder *other* than the
    conditioning one (refused otherwise) with a bootstrap CI and an unpaired baseline.
 
@@ -55,14 +56,19 @@ from cytosyn.generation import TileGenerator
 from .features import _Accumulator, _device, build_extractors, stats_metadata
 from .images import ImageSet, apply_codec, codec_label, codec_settings, parse_codec
 from .metrics import (
-    BootstrapCI,
     bootstrap_ci,
     conditional_fidelity,
     cosine_similarity_pairs,
     kid,
     prdc,
 )
-from .stats import PROVENANCE_KEYS, FeatureStats, IncompatibleStatsError, frechet_distance
+from .stats import (
+    PROVENANCE_KEYS,
+    FDInterval,
+    FeatureStats,
+    IncompatibleStatsError,
+    fd_intervals,
+)
 
 __all__ = [
     "FD_IGNORE",
@@ -539,36 +545,21 @@ def fd_bootstrap(
     alpha: float = 0.05,
     seed: int = 0,
     gap: tuple[str, str] | None = None,
-) -> tuple[dict[str, BootstrapCI], BootstrapCI | None]:
-    """FD of the generated features against several fixed references, from shared bootstrap replicates.
-
-    Each replicate resamples the generated rows with replacement exactly as `frechet_distance_ci`
-    does (same seed → same rows, so each interval equals the core's), and the replicate's statistics
-    (and covariance square root) are reused for every reference. ``gap=(a, b)`` also returns the CI of
-    ``FD_a − FD_b`` from the *same* replicates (a paired bootstrap: e.g. held-out minus train).
-    """
-    gen = np.asarray(gen_features, dtype=np.float64)
-    meta = dict(gen_meta)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        full = FeatureStats.from_features(gen, meta)
-        points = {r: frechet_distance(full, s, ignore=FD_IGNORE) for r, s in refs.items()}
-        n = gen.shape[0]
-        rng = np.random.default_rng(seed)
-        reps = {r: np.empty(n_boot) for r in refs}
-        for b in range(n_boot):
-            idx = rng.integers(0, n, size=n)
-            rep = FeatureStats.from_features(gen[idx], meta)
-            for r, s in refs.items():
-                reps[r][b] = frechet_distance(rep, s, ignore=FD_IGNORE)
-    q = [alpha / 2, 1 - alpha / 2]
-    cis = {r: BootstrapCI(points[r], *map(float, np.quantile(reps[r], q))) for r in refs}
-    gap_ci = None
-    if gap is not None:
-        a, b = gap
-        diff = reps[a] - reps[b]
-        gap_ci = BootstrapCI(points[a] - points[b], *map(float, np.quantile(diff, q)))
-    return cis, gap_ci
+) -> tuple[dict[str, FDInterval], FDInterval | None]:
+    """FD of the generated features against several fixed references, with intervals from shared
+    half-sample replicates (`cytosyn.eval.stats.fd_intervals`, the same as `frechet_distance_ci` with the
+    same seed); ``gap=(a, b)`` also gives the paired interval of ``FD_a − FD_b`` (e.g. held-out minus
+    train). Kept under its old name; it is no longer a bootstrap (see docs/evaluation.md)."""
+    return fd_intervals(
+        gen_features,
+        refs,
+        meta=dict(gen_meta),
+        alpha=alpha,
+        replicates=n_boot,
+        seed=seed,
+        ignore=FD_IGNORE,
+        gap=gap,
+    )
 
 
 def compare_sets(

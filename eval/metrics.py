@@ -4,7 +4,8 @@
 - `kid`: kernel inception distance, unbiased MMD² with the cubic polynomial kernel, over random subsets.
 - `prdc`: precision, recall, density and coverage (Naeem et al. 2020) with k-NN balls, computed in blocks.
 - `conditional_fidelity`: mean cosine similarity between paired reference / generated embeddings.
-- `bootstrap_ci` / `frechet_distance_ci`: percentile bootstrap confidence intervals.
+- `bootstrap_ci`: percentile bootstrap intervals; `frechet_distance_ci`: FD with a half-sample interval
+  and the bias-corrected FD (see `cytosyn.eval.stats.fd_intervals`).
 - `blockiness_8x8`: a JPEG 8×8 blocking-artefact score on decoded images.
 
 See docs/evaluation.md ("Metrics") for definitions, units and minimum sample counts.
@@ -22,12 +23,14 @@ import torch
 
 from .stats import (
     PROVENANCE_KEYS,
+    FDInterval,
     FeatureStats,
     IncompatibleStatsError,
     NotEnoughSamplesError,
     _as_float64_rows,
     _check_finite,
     frechet_distance,
+    frechet_distance_interval,
 )
 
 __all__ = [
@@ -307,34 +310,29 @@ def bootstrap_ci(
 def frechet_distance_ci(
     gen_features: Any,
     ref_stats: FeatureStats,
-    n_boot: int = 200,
+    n_boot: int = 20,
     alpha: float = 0.05,
     seed: int = 0,
     gen_metadata: Mapping[str, Any] | None = None,
     ignore: Iterable[str] = PROVENANCE_KEYS,
-) -> BootstrapCI:
-    """FD between generated features and fixed reference statistics, with a bootstrap over generated rows.
+) -> FDInterval:
+    """FD between generated features and fixed reference statistics, with its interval.
 
-    The reference is held fixed (it is a saved, shared statistic); only the generated set is resampled,
-    so the interval is the uncertainty due to the finite number of generated samples. ``gen_metadata``
-    (encoder, resize, codec, ...) is checked against the reference's metadata before anything is
-    computed. The reference covariance's square root is computed once and reused for every replicate.
+    Not a bootstrap any more (resampling with replacement inflates FD's small-sample bias so much that
+    the interval missed its own estimate): `cytosyn.eval.stats.frechet_distance_interval`, ``n_boot``
+    half-sample replicates. The result starts with ``(estimate, low, high)`` like a `BootstrapCI` and
+    adds the standard error, the fresh-draw interval and the bias-corrected FD (``fd_inf``).
     """
     gen = _features(gen_features, "gen_features")
     probe = FeatureStats(metadata=gen_metadata)
     probe._check_dim(gen.shape[1])
     probe.check_compatible(ref_stats, ignore=ignore)
-    meta = probe.metadata
-
-    def fd(g: np.ndarray) -> float:
-        return frechet_distance(FeatureStats.from_features(g, meta), ref_stats, ignore=ignore)
-
     with warnings.catch_warnings():
         # a rank-deficiency warning, if any, is raised once by the point estimate below
-        fd_point = fd(gen)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ci = bootstrap_ci(fd, gen, n_boot=n_boot, alpha=alpha, seed=seed)
-    return BootstrapCI(fd_point, ci.low, ci.high)
+        frechet_distance(FeatureStats.from_features(gen, probe.metadata), ref_stats, ignore=ignore)
+    return frechet_distance_interval(
+        gen, ref_stats, meta=probe.metadata, alpha=alpha, replicates=n_boot, seed=seed, ignore=ignore
+    )
 
 
 # --------------------------------------------------------------------------------------------- blockiness

@@ -53,14 +53,16 @@ def fmt(value: float) -> str:
 
 
 def fmt_ci(v: Any) -> str:
-    """``estimate [low, high]`` from a CI dict or an (estimate, low, high) tuple; ``—`` for None."""
+    """``estimate [low, high]`` from a CI dict or an (estimate, low, high, ...) tuple; ``—`` for None.
+    An FD interval with a bias-corrected value adds it: ``… ; FD∞ x``."""
     if v is None:
         return "—"
     if isinstance(v, dict):
-        est, lo, hi = v.get("estimate"), v.get("low"), v.get("high")
+        est, lo, hi, inf = v.get("estimate"), v.get("low"), v.get("high"), v.get("fd_inf")
     else:
-        est, lo, hi = v
-    return f"{fmt(est)} [{fmt(lo)}, {fmt(hi)}]"
+        est, lo, hi = v[0], v[1], v[2]
+        inf = getattr(v, "fd_inf", None)
+    return f"{fmt(est)} [{fmt(lo)}, {fmt(hi)}]" + (f"; FD∞ {fmt(inf)}" if inf is not None else "")
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

@@ -19,16 +19,19 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 __all__ = [
     "PROVENANCE_KEYS",
+    "FDInterval",
     "FeatureStats",
     "IncompatibleStatsError",
     "NotEnoughSamplesError",
+    "fd_intervals",
     "frechet_distance",
+    "frechet_distance_interval",
 ]
 
 #: Version of the ``.npz`` layout written by `FeatureStats.save`.
@@ -499,3 +502,151 @@ def frechet_distance(
     tr_sqrt = float(np.linalg.svd(sqrt_a @ sqrt_b, compute_uv=False).sum())
     fd = float(diff @ diff) + float(np.trace(stats_a.cov)) + float(np.trace(stats_b.cov)) - 2.0 * tr_sqrt
     return max(fd, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Uncertainty of a Fréchet distance: half-sample intervals and the extrapolation to infinite n
+# --------------------------------------------------------------------------------------------------
+
+#: The bias-corrected FD is reported only from this many generated samples per feature dimension: below,
+#: FD is not linear in 1/n (measured, D = 256: n = 2·D extrapolates 25% low, 4·D 4%, 8·D 1%).
+FD_INF_MIN_SAMPLES_PER_DIM = 4
+
+
+class FDInterval(NamedTuple):
+    """A Fréchet distance of ``n`` generated samples against fixed reference statistics, with its spread.
+
+    ``estimate``: the FD of all ``n`` samples (biased upwards at small n: compare only equal n).
+    ``low, high``: ``1 − alpha`` confidence interval of the FD that ``n`` generated samples give on
+    average (over fresh draws of ``n``; the reference held fixed). ``fresh_low, fresh_high``: where the
+    FD of one fresh draw of ``n`` falls with probability ``1 − alpha`` (a prediction interval, √2 wider).
+    ``se``: the standard error behind both. ``fd_inf``: the FD extrapolated to infinitely many generated
+    samples (linear in 1/n through the FD of the whole set and of random 1/2 and 3/4 subsets), or None
+    when ``n < FD_INF_MIN_SAMPLES_PER_DIM · dim``.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    se: float
+    fresh_low: float
+    fresh_high: float
+    n: int
+    fd_inf: float | None
+    method: str = "half-sample"
+
+
+def _normal_quantile(p: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(p))
+
+
+def fd_intervals(
+    gen_features: Any,
+    refs: Mapping[str, FeatureStats],
+    *,
+    meta: Mapping[str, Any] | None = None,
+    alpha: float = 0.05,
+    replicates: int = 20,
+    seed: int = 0,
+    ignore: Iterable[str] = PROVENANCE_KEYS,
+    gap: tuple[str, str] | None = None,
+) -> tuple[dict[str, FDInterval], FDInterval | None]:
+    """FD of the generated features against each reference, with intervals (see :class:`FDInterval`).
+
+    Why not the bootstrap: resampling *with replacement* repeats rows, which shrinks the effective
+    sample and inflates FD's small-sample bias, so the replicates sit far above the estimate (D = 256
+    against 4,000 references: n = 128 gave 7.42 with a "95%" interval [10.18, 11.23], while fresh draws
+    of 128 spread over [7.39, 7.58]). Here the spread comes from random *halves* of the generated set,
+    drawn without replacement (the delete-half jackknife): for a statistic that fluctuates like a mean of
+    its n samples, the variance over random halves of one sample equals the variance over fresh samples
+    of n (the finite-population factor 1/2 cancels the doubled variance of a half), and no row is ever
+    repeated. ``se`` = standard deviation of ``replicates`` half-sample FDs; intervals are normal,
+    ``estimate ± z·se`` (fresh draws: ``± z·√2·se``). Checked by simulation in tests/test_fd_interval.py;
+    slightly conservative (se 10–25% high at n from D/2 to 8·D).
+
+    Every subset's statistics are computed once and compared with every reference. ``gap=(a, b)``
+    also returns the interval of ``FD_a − FD_b`` from the same (paired) subsets.
+    """
+    gen = _as_float64_rows(gen_features)
+    _check_finite(gen, "generated features")
+    n, dim = gen.shape
+    if n < 4:
+        raise NotEnoughSamplesError(f"an FD interval needs at least 4 generated samples, got {n}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if replicates < 2:
+        raise ValueError(f"replicates must be >= 2, got {replicates}")
+    rng = np.random.default_rng(seed)
+    with_inf = n >= FD_INF_MIN_SAMPLES_PER_DIM * dim
+    sizes = [n // 2, (3 * n) // 4] if with_inf else [n // 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rank deficiency: the caller warns once
+        full = FeatureStats.from_features(gen, meta)
+        points = {r: frechet_distance(full, s, ignore=ignore) for r, s in refs.items()}
+        reps: dict[int, dict[str, list[float]]] = {m: {r: [] for r in refs} for m in sizes}
+        for m in sizes:
+            for _ in range(replicates if m == n // 2 else max(2, replicates // 2)):
+                sub = FeatureStats.from_features(gen[rng.permutation(n)[:m]], meta)
+                for r, s in refs.items():
+                    reps[m][r].append(frechet_distance(sub, s, ignore=ignore))
+    z = _normal_quantile(1 - alpha / 2)
+
+    def interval(point: float, halves: np.ndarray, curve: list[tuple[int, float]]) -> FDInterval:
+        se = float(np.std(halves, ddof=1))
+        fd_inf = None
+        if with_inf:
+            inv = np.array([1.0 / m for m, _ in curve])
+            _, intercept = np.polyfit(inv, np.array([v for _, v in curve]), 1)
+            fd_inf = float(intercept)
+        return FDInterval(
+            point,
+            point - z * se,
+            point + z * se,
+            se,
+            point - z * se * 2**0.5,
+            point + z * se * 2**0.5,
+            n,
+            fd_inf,
+        )
+
+    def curve_of(values: dict[int, np.ndarray], point: float) -> list[tuple[int, float]]:
+        return [(m, float(np.mean(values[m]))) for m in sizes] + [(n, point)]
+
+    out = {}
+    for r in refs:
+        values = {m: np.asarray(reps[m][r]) for m in sizes}
+        out[r] = interval(points[r], values[n // 2], curve_of(values, points[r]))
+    gap_interval = None
+    if gap is not None:
+        a, b = gap
+        values = {m: np.asarray(reps[m][a]) - np.asarray(reps[m][b]) for m in sizes}
+        point = points[a] - points[b]
+        gap_interval = interval(point, values[n // 2], curve_of(values, point))
+    return out, gap_interval
+
+
+def frechet_distance_interval(
+    gen_features: Any,
+    ref_stats: FeatureStats,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    alpha: float = 0.05,
+    replicates: int = 20,
+    seed: int = 0,
+    ignore: Iterable[str] = PROVENANCE_KEYS,
+) -> FDInterval:
+    """:func:`fd_intervals` against one reference (whose metadata must be compatible with ``meta``)."""
+    probe = FeatureStats(metadata=meta)
+    probe.check_compatible(ref_stats, ignore=ignore)
+    intervals, _ = fd_intervals(
+        gen_features,
+        {"ref": ref_stats},
+        meta=meta,
+        alpha=alpha,
+        replicates=replicates,
+        seed=seed,
+        ignore=ignore,
+    )
+    return intervals["ref"]

@@ -203,7 +203,7 @@ def test_overfitting_study_detects_memorisation(data):
     core = frechet_distance_ci(gen_feats, held.stats["pixel-stats"], n_boot=FAST.n_boot, seed=0, gen_metadata={
         k: v for k, v in held.stats["pixel-stats"].metadata.items()})  # fmt: skip
     ours = m["comparisons"]["heldout"]["pixel-stats"]["fd"]
-    assert np.allclose(ours, core, rtol=1e-4)
+    assert np.allclose(ours[:4], core[:4], rtol=1e-4)  # estimate, low, high, se
 
     honest = overfitting_study(
         BankGenerator(data["held_tiles"], "copies-heldout"), train, held, exts, options=FAST

@@ -345,12 +345,15 @@ def test_tss_quotas_are_realised(tiles, tmp_path, weighting) -> None:
 def test_verify_catches_tampered_shard(packed, tmp_path) -> None:
     ds = _copy(packed[0], tmp_path, "ds")
     shard = ds / "train" / "train-000001.tar"
+    with tarfile.open(shard) as tar:
+        member = tar.getmembers()[2]
     data = bytearray(shard.read_bytes())
-    data[2000] ^= 0xFF  # inside a member's data: same size, still a valid tar
+    data[member.offset_data + member.size // 2] ^= 0xFF  # inside a member's data: still a valid tar
     shard.write_bytes(bytes(data))
     rep = verify_dataset(ds, progress=False)
     assert not rep.ok
     assert any("train-000001.tar sha256" in v for v in rep.violations), rep.violations
+    assert any("1 sample(s) of train-000001.tar differ from their digests" in v for v in rep.violations)
     assert "FAILED" in rep.report()
     with pytest.raises(PackError, match="failed verification"):
         rep.raise_for_violations()

@@ -82,6 +82,8 @@ def test_no_patient_in_two_splits(slides, ratios, holdout, stratify, seed) -> No
         msg = str(err)
         if holdout and not {r.tss for r in slides} & set(holdout):
             assert "held-out split 'test_tss' would be empty" in msg
+        elif set(holdout) - {r.tss for r in slides}:  # a held-out TSS with no slide: a typo, refused
+            assert "match no usable slide" in msg
         else:
             rest = {r.patient_id for r in slides} - {r.patient_id for r in slides if r.tss in holdout}
             smallest = min(v for v in ratios.values() if v > 0)

@@ -22,6 +22,7 @@ MISSING_MEMBER = "missing_member"
 BAD_IMAGE = "bad_image"
 BAD_JSON = "bad_json"
 BAD_MEMBER = "bad_member"
+NONFINITE_MEMBER = "nonfinite_member"
 SHAPE_MISMATCH = "shape_mismatch"
 
 
@@ -133,6 +134,8 @@ def decode_sample(raw: RawSample, spec: DecodeSpec) -> dict[str, Any] | Failure:
             arr = load_npy(raw.data[name])
         except Exception as err:  # garbage raises many kinds of errors
             return Failure(BAD_MEMBER, raw.shard, raw.key, f"{name}: {err}"[:200])
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():  # a NaN/Inf latent poisons a training step
+            return Failure(NONFINITE_MEMBER, raw.shard, raw.key, f"{name}: NaN or Inf values")
         out[name] = arr
     if spec.image:
         try:

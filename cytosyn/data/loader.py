@@ -108,6 +108,7 @@ class _Spec:
     shard_names: tuple[str, ...]
     shard_counts: tuple[int, ...]
     shard_sha256: tuple[str, ...]
+    shard_digests: tuple[tuple[str, str] | None, ...]  # per-sample digest file and its sha256, if any
     verify_hashes: bool
     decode: DecodeSpec
     image_format: str
@@ -206,8 +207,9 @@ def _read_chunk(
         if base + n > start:
             mask = need[base : base + n]
             sha = spec.shard_sha256[seg.shard] if spec.verify_hashes else None
+            digests = spec.shard_digests[seg.shard]
             for num, item in read_segment(
-                folder / spec.shard_names[seg.shard], seg.lo, seg.hi, mask, read, sha
+                folder / spec.shard_names[seg.shard], seg.lo, seg.hi, mask, read, sha, digests
             ):
                 yield base + num - seg.lo, item
         base += n
@@ -472,6 +474,10 @@ class TrainLoader:
             shard_names=tuple(s.name for s in self.manifest.shards),
             shard_counts=tuple(s.count for s in self.manifest.shards),
             shard_sha256=tuple(s.sha256 for s in self.manifest.shards),
+            shard_digests=tuple(
+                (s.digests, s.digests_sha256) if s.digests and s.digests_sha256 else None
+                for s in self.manifest.shards
+            ),
             verify_hashes=cfg.verify_hashes,
             decode=_resolve_members(self.manifest, cfg.members),
             image_format=cfg.image_format,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cytosyn.fileio import sha256_file
+from cytosyn.shardio import read_sample_digests, sample_digest
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
@@ -165,6 +166,17 @@ class TarMembers:
         return data
 
 
+_digest_cache: dict[tuple[str, str], list[bytes] | None] = {}
+
+
+def _sample_digests(path: Path, sha256: str) -> list[bytes] | None:
+    """A shard's per-sample digests (verified against the manifest), read once per process."""
+    key = (str(path), sha256)
+    if key not in _digest_cache:
+        _digest_cache[key] = read_sample_digests(path, sha256)
+    return _digest_cache[key]
+
+
 def read_segment(
     path: Path,
     lo: int,
@@ -172,11 +184,18 @@ def read_segment(
     wanted: np.ndarray,
     read_members: set[str] | None,
     expected_sha256: str | None = None,
+    digests: tuple[str, str] | None = None,
 ) -> Iterator[tuple[int, RawSample | Failure]]:
     """Yield ``(n, item)`` for each sample number ``n`` in ``[lo, hi)`` with ``wanted[n - lo]``.
 
     ``read_members``: members whose bytes are read (``None`` = all); others are only noted as present.
-    ``expected_sha256``: verify the whole shard first (a mismatch fails every wanted sample).
+    ``expected_sha256``: verify the whole shard first. On a mismatch, ``digests`` (the shard's
+    per-sample digest file name and its sha256, see :mod:`cytosyn.shardio`) finds the damaged samples,
+    which fail alone; without it every wanted sample fails.
+
+    A break in the archive (it ends early, or a header is damaged) fails the samples from the one it
+    cut: the sample before a break at a header is complete when it has every member its predecessor
+    had, and is then yielded, not counted as damage.
     """
     name = Path(path).name
     idx = np.flatnonzero(wanted)
@@ -190,9 +209,19 @@ def read_segment(
             if want[n - lo]:
                 yield n, Failure(reason, name, key if n == start else None, detail)
 
+    check: list[bytes] | None = None
     if expected_sha256 is not None and not shard_hash_ok(Path(path), expected_sha256):
-        yield from fail_rest(first, HASH_MISMATCH, detail="sha256 differs from the manifest")
-        return
+        if digests is not None:
+            check = _sample_digests(Path(path).parent / digests[0], digests[1])
+        if check is None:
+            why = "sha256 differs from the manifest" + ("" if digests else " (no per-sample digests)")
+            yield from fail_rest(first, HASH_MISMATCH, detail=why)
+            return
+
+    def finished(number: int, key: str, data: dict[str, bytes], present: set[str]) -> RawSample | Failure:
+        if check is not None and (number >= len(check) or sample_digest(key, data.items()) != check[number]):
+            return Failure(HASH_MISMATCH, name, key, "sample differs from its digest")
+        return RawSample(key, name, data, present)
 
     try:
         fileobj = open(path, "rb", buffering=1 << 16)  # closed in the finally below
@@ -205,10 +234,17 @@ def read_segment(
         key: str | None = None
         data: dict[str, bytes] = {}
         present: set[str] = set()
+        previous: set[str] | None = None  # members of the last complete sample
         reading = False  # the current group is wanted
+        read_all = read_members is None or check is not None  # a digest covers every member
         try:
             while True:
-                member = tar.next()
+                try:
+                    member = tar.next()
+                except TarFormatError as err:  # a damaged header: the current group may be whole
+                    member, broken = None, str(err)
+                else:
+                    broken = None if member is not None else "end"
                 if member is None:
                     break
                 k, ext = split_member(member[0])
@@ -216,24 +252,36 @@ def read_segment(
                     continue
                 if k != key:
                     if reading:
-                        yield number, RawSample(key, name, data, present)  # type: ignore[arg-type]
+                        yield number, finished(number, key, data, present)  # type: ignore[arg-type]
+                    if key is not None:
+                        previous = present
                     number += 1
                     if number >= hi:
                         return
                     key, data, present = k, {}, set()
                     reading = number >= first and want[number - lo]
                 present.add(ext)
-                if reading and (read_members is None or ext in read_members):
+                if reading and (read_all or ext in read_members):  # type: ignore[operator]
                     data[ext] = tar.read()
-            # End of archive: the last group is complete only if the shard holds all it should.
-            if number < hi - 1:
+            whole = number >= 0 and previous is not None and present == previous
+            if broken != "end":  # a damaged header
+                if whole and reading:
+                    yield number, finished(number, key, data, present)  # type: ignore[arg-type]
+                yield from fail_rest(
+                    number + 1 if whole else max(number, 0), TRUNCATED, None if whole else key, broken
+                )
+            elif number < hi - 1:  # the archive ends before the samples it should hold
+                if whole and reading:
+                    yield number, finished(number, key, data, present)  # type: ignore[arg-type]
                 what = (
                     f"archive ends after {number + 1} samples" if number >= 0 else "archive holds no sample"
                 )
-                yield from fail_rest(max(number, 0), TRUNCATED, key, what)
+                yield from fail_rest(
+                    number + 1 if whole else max(number, 0), TRUNCATED, None if whole else key, what
+                )
             elif reading:
-                yield number, RawSample(key, name, data, present)  # type: ignore[arg-type]
-        except (TarFormatError, OSError, ValueError) as err:
+                yield number, finished(number, key, data, present)  # type: ignore[arg-type]
+        except (TarFormatError, OSError, ValueError) as err:  # member data cut short: this group is damaged
             yield from fail_rest(max(number, 0), TRUNCATED, key, str(err))
     finally:
         fileobj.close()

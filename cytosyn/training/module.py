@@ -164,6 +164,7 @@ class LatentDiffusionModule(L.LightningModule):
             shuffle_buffer=cfg.data.shuffle_buffer,
             mode=cfg.data.mode,
             seed=cfg.seed,
+            verify_hashes=cfg.data.verify_hashes,
             members=members + (["image"] if cfg.repa.online_encoder else []),
         )
         self._loader = build_loader(
@@ -425,6 +426,7 @@ class LatentDiffusionModule(L.LightningModule):
                 shuffle_buffer=0,
                 seed=v.seed,
                 members=[f"{self.cfg.data.condition}.npy", "vae.npy"],
+                verify_hashes=self.cfg.data.verify_hashes,
             ),
         )
         xs, cs = [], []

@@ -1,7 +1,8 @@
 """The overfitting study: are generated tiles closer to the training patients' tiles than to new patients'?
 
 Tiles are generated from held-out patients' embeddings and compared, in every extractor, with held-out
-tiles and with training-patient tiles (FD with bootstrap CI, KID, PRDC); the paired-bootstrap gap
+tiles and with training-patient tiles (FD with its half-sample interval and bias-corrected FD∞, KID, PRDC);
+the paired gap
 ``FD_heldout − FD_train`` > 0 means the model reproduces its training patients better than new ones
 (slide-level overfitting). Nearest-neighbour `memorisation` asks the same tile by tile.
 """
@@ -151,8 +152,8 @@ def overfitting_study(
     """Slide-level overfitting: generate from held-out patients' embeddings, compare with held-out and training tiles.
 
     ``n`` tiles are read from each set (first ``n``), and tile i is generated from held-out tile i's
-    embedding. Per extractor: FD (bootstrap CI) against held-out and against training tiles and their gap
-    ``FD_heldout − FD_train`` (paired bootstrap; > 0 means the generated tiles sit closer to the training
+    embedding. Per extractor: FD (half-sample interval) against held-out and against training tiles and their
+    gap ``FD_heldout − FD_train`` (same subsets, paired; > 0 means the generated tiles sit closer to the training
     patients'), KID and PRDC (k = 5) against each. Conditional fidelity in ``fidelity_extractor`` (default:
     the first extractor whose encoder is not the conditioning one; naming the conditioning encoder is an
     error). `memorisation` in ``memorisation_extractor``'s space (default: the fidelity extractor).
@@ -221,7 +222,7 @@ def overfitting_study(
         metrics={
             "comparisons": comparisons,
             "overfitting_gap": gaps,
-            "overfitting_gap_note": "FD_heldout − FD_train per extractor, paired bootstrap over generated tiles; "
+            "overfitting_gap_note": "FD_heldout − FD_train per extractor, paired half-sample interval over generated tiles; "
             "> 0: the generated tiles are closer to the training patients' tiles than to new patients'",
             "conditional_fidelity": fid,
             "memorisation": mem,
