@@ -73,8 +73,6 @@ class SampleError(RuntimeError):
     """A sampling run that cannot go on; the message says which input or setting is at fault."""
 
 
-
-
 class SamplerSettings(StrictModel):
     """Which sampler: a preset (None: the model's default for the mode) with fields replaced."""
 
