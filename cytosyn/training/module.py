@@ -53,7 +53,7 @@ from cytosyn.training.config import TrainConfig
 from cytosyn.training.ema import EMA
 from cytosyn.training.logs import StepMetrics
 from cytosyn.training.optimization import StepGuard, group_norms, module_groups, zero2_group_norms
-from cytosyn.training.randomness import sample_keys, sample_seed, training_draws
+from cytosyn.training.randomness import sample_keys, training_draws
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class LatentDiffusionModule(L.LightningModule):
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """Per-sample t, noise, posterior ε (or None) and dropout draw, from (seed, micro-batch, key)."""
         d = self.cfg.diffusion
-        key_tensor = sample_keys(self.cfg.seed, self.micro_step, keys)
+        key_tensor, self._last_keys = sample_keys(self.cfg.seed, self.micro_step, keys)
         if self.device.type == "cuda":
             key_tensor = key_tensor.pin_memory()
         return training_draws(
@@ -271,7 +271,6 @@ class LatentDiffusionModule(L.LightningModule):
     def _losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         model = self.net["model"]
         keys = list(batch["__key__"])
-        self._last_keys = sample_seed(*keys)  # a fingerprint of the batch, for resume checks
         moments = batch["vae"]
         shape = tuple(moments.shape[2:])
         t, noise, eps, drop = self._randomness(keys, shape)

@@ -7,9 +7,11 @@ batch 4 draw for the same samples (tested in tests/test_training.py).
 
 The first design built one ``torch.Generator`` per sample on the host: ~42 ms of CPU per step at batch
 256 plus a host→device copy of the noise, for every step. Here the host only computes one 64-bit key per
-sample (blake2b of ``"seed:micro_step:key"``, ~1 µs each) and copies those B integers; every number is then
-a counter-based hash of (sample key, stream, index), computed by a handful of vectorised integer ops on
-whatever device trains (no generator state, nothing else crosses the bus).
+sample (blake2b of the sample key, xor a blake2b of ``"seed:micro_step"``; ~0.5 µs per sample) and copies
+those B integers; every number is then a counter-based hash of (sample key, index), computed by ~50
+vectorised integer and float ops on whatever device trains, for all of a step's draws at once (no
+generator state, nothing else crosses the bus). On a CPU the arithmetic itself is slower than torch's
+own generator (benchmarks/train_step.py measures both); on a GPU it is a few dozen kernel launches.
 
 The hash is written by hand because torch has no vectorised per-row-seeded generator: each 32-bit word is
 ``h(h(counter + b) ^ a)``, where ``(a, b)`` are the two halves of the sample key, ``counter`` = stream·2²⁶ +
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,9 +43,19 @@ def sample_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def sample_keys(seed: int, micro_step: int, keys: Sequence[str]) -> Tensor:
-    """The per-sample 64-bit keys of one micro-batch (int64, CPU): the only host-side work per step."""
-    return torch.tensor([sample_seed(seed, micro_step, k) for k in keys], dtype=torch.int64)
+class SampleKeys(NamedTuple):
+    keys: Tensor  # (B,) int64 on the CPU: one 64-bit key per sample
+    fingerprint: int  # a 63-bit hash of the whole micro-batch (resume checks in tests)
+
+
+def sample_keys(seed: int, micro_step: int, keys: Sequence[str]) -> SampleKeys:
+    """The per-sample 64-bit keys of one micro-batch: the only host-side work of the draws."""
+    digests = b"".join(hashlib.blake2b(k.encode(), digest_size=8).digest() for k in keys)
+    salt = sample_seed(seed, micro_step)
+    salt -= (1 << 64) if salt >> 63 else 0
+    per_sample = torch.frombuffer(bytearray(digests), dtype=torch.int64) ^ salt
+    fingerprint = int.from_bytes(hashlib.blake2b(digests, digest_size=8).digest(), "little") >> 1
+    return SampleKeys(per_sample, fingerprint)
 
 
 def _as_int32(x: int) -> int:
@@ -113,6 +126,14 @@ def keyed_normal(keys: Tensor, stream: int, n: int) -> Tensor:
     return pairs.view(keys.shape[0], -1)[:, :n]
 
 
+def _box_muller(words: Tensor) -> Tensor:
+    """Standard normals from word pairs along the last dimension (even length): (..., 2k) → (..., 2k)."""
+    pairs = words.reshape(*words.shape[:-1], -1, 2)
+    radius = torch.sqrt(-2.0 * torch.log(_unit(pairs[..., 0], open_zero=True)))
+    angle = (2.0 * math.pi) * _unit(pairs[..., 1])
+    return torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1).reshape(words.shape)
+
+
 def training_draws(
     keys: Tensor,
     shape: Sequence[int],
@@ -125,16 +146,21 @@ def training_draws(
     """One micro-batch's draws on ``keys.device``: (t (B,), noise (B, *shape), ε or None, null-condition mask).
 
     ``time_mode`` is ``uniform`` (t ~ U[0, 1)) or ``logit_normal`` (t = sigmoid(mean + std·z)), as in
-    :func:`cytosyn.diffusion.sample_time`.
+    :func:`cytosyn.diffusion.sample_time`. All draws come from one block of words per sample: words 0–1
+    for t, word 2 for the null-condition draw, then the noise and the posterior ε (fixed offsets, so
+    turning ``posterior`` off does not change the noise).
     """
     batch, numel = keys.shape[0], math.prod(shape)
+    even = numel + numel % 2
+    words = keyed_words(keys, 0, 4 + (2 if posterior else 1) * even)
     if time_mode == "uniform":
-        t = keyed_uniform(keys, STREAM_TIME, 1)[:, 0]
+        t = _unit(words[:, 0])
     elif time_mode == "logit_normal":
-        t = torch.sigmoid(logit_mean + logit_std * keyed_normal(keys, STREAM_TIME, 1)[:, 0])
+        t = torch.sigmoid(logit_mean + logit_std * _box_muller(words[:, 0:2])[:, 0])
     else:
         raise ValueError(f"unknown time sampling {time_mode!r} (expected uniform or logit_normal)")
-    noise = keyed_normal(keys, STREAM_NOISE, numel).view(batch, *shape)
-    eps = keyed_normal(keys, STREAM_POSTERIOR, numel).view(batch, *shape) if posterior else None
-    drop = keyed_uniform(keys, STREAM_DROP, 1)[:, 0] < drop_probability
+    drop = _unit(words[:, 2]) < drop_probability
+    normals = _box_muller(words[:, 4:])
+    noise = normals[:, :numel].reshape(batch, *shape)
+    eps = normals[:, even : even + numel].reshape(batch, *shape) if posterior else None
     return t, noise, eps, drop
