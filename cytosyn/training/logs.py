@@ -104,11 +104,11 @@ def wandb_run_id(run_dir: Path, create: bool) -> str | None:
         return path.read_text().strip() or None
     if not create:
         return None
-    from wandb.util import generate_id
+    import uuid
 
     from cytosyn.fileio import atomic_write_text
 
-    run_id = generate_id()
+    run_id = uuid.uuid4().hex[:12]  # W&B ids: letters and digits
     atomic_write_text(path, run_id + "\n")
     return run_id
 

@@ -211,6 +211,16 @@ def _resume_point(cfg: TrainConfig, restart: bool) -> Path | None:
     return None
 
 
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """End this attempt's W&B run (a process exit would; an in-process caller must, or the next attempt
+    would log into a run that is still open)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger._experiment.finish()
+
+
 def _features(cfg: TrainConfig) -> dict[str, Any]:
     features = split_features(cfg, read_manifest(cfg.data.train), cfg.data.train)
     if cfg.data.val is not None:
@@ -254,6 +264,7 @@ def run_training(cfg: TrainConfig, force: bool = False, restart: bool = False) -
     finally:
         preemption.restore()
     module.flush_metrics()
+    _finish_wandb(trainer)
     status = "preempted" if preemption.preempted else "finished"
     progress.write(trainer, module, status=status)
     validation = module.validation_losses() if trainer.global_rank == 0 and status == "finished" else {}
