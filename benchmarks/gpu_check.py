@@ -405,7 +405,7 @@ def part_agreement(device: torch.device, smoke: bool) -> dict:
         loss = (v.float() - (noise - x0)).square().mean()
         loss.backward()
         grad = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
-        results[name] = (float(loss), grad)
+        results[name] = (loss.item(), grad)
     (l32, g32), (l16, g16) = results["fp32"], results["bf16"]
     return {
         "loss_fp32": l32,
