@@ -171,7 +171,9 @@ class LatentDiffusionModule(L.LightningModule):
 
     @property
     def uses_deepspeed(self) -> bool:
-        return self._trainer is not None and type(self.trainer.strategy).__name__.find("DeepSpeed") >= 0
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
 
     # ---- data ------------------------------------------------------------------------------------------
 
@@ -247,16 +249,21 @@ class LatentDiffusionModule(L.LightningModule):
 
     # ---- training --------------------------------------------------------------------------------------
 
-    def on_train_start(self) -> None:
-        """Everything a step needs, resolved before the first one (never on one rank mid-run)."""
+    def on_fit_start(self) -> None:
+        """What a step needs from outside, resolved before the first step (never on one rank mid-run) and
+        before the run folder records the start as successful (callbacks' ``on_train_start``)."""
         if self.cfg.repa.weight > 0 and self.cfg.repa.online_encoder:
             self._get_online_encoder()  # a missing or gated encoder fails here, on every rank
+        if self.global_rank == 0:
+            self._resolve_sample_grid()
+
+    def on_train_start(self) -> None:
+        """After the checkpoint (if any) is restored — DeepSpeed restores after ``on_fit_start``."""
         if self.global_rank == 0:
             if not self._ema_restored and self.trainer.ckpt_path is not None:
                 log.warning("the checkpoint has no EMA weights: the EMA restarts from the current weights")
                 self.ema.copy_from(self.net)
             self.ema.to(self.device)
-            self._resolve_sample_grid()
         else:
             object.__setattr__(self, "ema", None)  # only rank 0 saves, validates and samples with it
         model = self.net["model"]
@@ -418,7 +425,9 @@ class LatentDiffusionModule(L.LightningModule):
             return
         self._last_validated = step
         if v.every_n_steps and step % v.every_n_steps == 0:
-            self._rank0_extra("validation", lambda: self.log_values(self.validation_losses(), step))
+            # Logged at the index of the step just taken, like its training row: a resume from the
+            # checkpoint of this step keeps it (rows of steps ≥ the resumed step are dropped).
+            self._rank0_extra("validation", lambda: self.log_values(self.validation_losses(), step - 1))
         if v.sample_grid_every_n_steps and step % v.sample_grid_every_n_steps == 0:
             path = Path(self.cfg.run_dir) / "samples" / f"step-{step:08d}.png"
             self._rank0_extra("sample grid", lambda: self.write_sample_grid(path))
