@@ -42,6 +42,7 @@ from cytosyn.compat import import_torchvision
 import_torchvision()
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # train_step.py and sampling.py, reused below
 NOMINAL_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "GH200": 989.0, "B200": 2250.0}
 PARTS = ("peak", "step", "compiled", "keys", "ddp", "deepspeed", "sampling", "featurize", "agreement")
 
@@ -70,17 +71,10 @@ def _nominal_peak() -> float | None:
 
 
 def matmul_peak(device: torch.device, n: int, repeats: int = 20) -> float:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = 0.0
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best / 1e12
+    """Best dense matmul TFLOP/s (bf16 on a GPU, fp32 on a CPU): benchmarks/train_step.py's measurement."""
+    from train_step import matmul_peak as flops_per_s
+
+    return flops_per_s(device, torch.bfloat16 if device.type == "cuda" else torch.float32, n, repeats) / 1e12
 
 
 # -------------------------------------------------------------------------------------------- parts
@@ -320,32 +314,10 @@ def part_train(device: torch.device, smoke: bool, strategy: str) -> dict:
         return out
 
 
-def _pipeline(preset: str, device: torch.device):
-    """A release-shaped pipeline around a random SiT (weights perturbed off the adaLN-Zero start)."""
-    from cytosyn.models.sit import SiTConfig, build_sit
-    from cytosyn.pipeline import RELEASE_FORMAT, CytoSynPipeline
-
-    cfg = SiTConfig.from_preset(preset, input_size=28, in_channels=4, cond_dim=768, repa_dim=None)
-    torch.manual_seed(0)
-    model = build_sit(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    state |= {"latent_norm.mean": torch.zeros(4), "latent_norm.std": torch.ones(4)}
-    config = {
-        "format": RELEASE_FORMAT,
-        "name": f"gpu-check-{preset}",
-        "sit": cfg.model_dump(mode="json"),
-        "latent": {"channels": 4, "size": 28, "norm": "fixed"},
-        "conditioning": {"encoder": "h0-mini", "embed_dim": 768, "output": "cls"},
-        "vae": {"name": "sd-vae-ft-ema", "downsample": 8},
-    }
-    return CytoSynPipeline(config, state, device=device, dtype="auto")
-
-
 def part_sampling(device: torch.device, smoke: bool) -> dict:
-    pipe = _pipeline("SiT-T/2" if smoke else "SiT-XL/2", device)
+    from sampling import make_pipeline
+
+    pipe = make_pipeline("SiT-T/2" if smoke else "SiT-XL/2", device=device, dtype="auto")
     batch = 2 if smoke else 32
     emb = torch.randn(batch, 768)
     out = {"batch": batch}

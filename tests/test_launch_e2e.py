@@ -32,11 +32,15 @@ def _launch(train_yaml: Path, cwd: Path) -> subprocess.Popen:
         sys.executable, "-m", "cytosyn.cli", "launch", "--config", str(train_yaml), "--backend", "torchrun",
         "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1", "launch.restart_delay_seconds=0",
     ]  # fmt: skip
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    return _start(cmd, cwd)
+
+
+def _start(cmd: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """A job in its own process group (signals go to the whole job, as SLURM or a terminal send them)."""
     return subprocess.Popen(
         cmd,
         cwd=cwd,
-        env=env,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"} | env,
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -69,16 +73,7 @@ def _raw_torchrun(train_yaml: Path, cwd: Path) -> subprocess.Popen:
         "--rdzv-endpoint", "localhost:0", "--max-restarts", "0", "-m", "cytosyn.cli", "train", "--config",
         str(train_yaml),
     ]  # fmt: skip
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return _start(cmd, cwd, OMP_NUM_THREADS="1")
 
 
 def _metrics_rows(run_dir: Path) -> dict[int, float]:
