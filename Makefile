@@ -1,4 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both create .venv on first use.
+# The dev install includes the optional `deepspeed` extra, so the DeepSpeed test of the slow tier runs in CI.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
@@ -11,7 +12,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,deepspeed]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -42,7 +42,7 @@ LATENT = (4, 28, 28)
 METHODS = ("euler", "heun", "euler_maruyama")
 
 
-def make_pipeline(preset: str) -> CytoSynPipeline:
+def make_pipeline(preset: str, device: str | torch.device = "cpu", dtype: str = "fp32") -> CytoSynPipeline:
     """A pipeline around a random SiT (every weight perturbed: no all-zero adaLN fast path)."""
     cfg = SiTConfig.from_preset(
         preset, input_size=LATENT[1], in_channels=LATENT[0], cond_dim=COND_DIM, repa_dim=None
@@ -62,7 +62,7 @@ def make_pipeline(preset: str) -> CytoSynPipeline:
         "conditioning": {"encoder": "h0-mini", "embed_dim": COND_DIM, "output": "cls"},
         "vae": {"name": "sd-vae-ft-ema", "downsample": 8},
     }
-    return CytoSynPipeline(config, state, device="cpu", dtype="fp32")
+    return CytoSynPipeline(config, state, device=device, dtype=dtype)
 
 
 def forward_seconds(pipe: CytoSynPipeline, batch: int, calls: int = 1) -> float:

@@ -110,12 +110,17 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from cytosyn.training.config import TrainConfig
     from cytosyn.training.module import TrainingDataError
-    from cytosyn.training.run import EXIT_REQUEUE, run_training
+    from cytosyn.training.run import (
+        EXIT_REQUEUE,
+        CheckpointWriteError,
+        NoIntactCheckpointError,
+        run_training,
+    )
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     try:
-        result = run_training(cfg, force=args.force)
-    except TrainingDataError as err:
+        result = run_training(cfg, force=args.force, restart=args.restart)
+    except (TrainingDataError, NoIntactCheckpointError, CheckpointWriteError) as err:
         print(f"cytosyn train: {err}", file=sys.stderr)
         return EXIT_ERROR
     print(
@@ -250,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument(
         "--force", action="store_true", help="resume even if the config differs from the run's"
+    )
+    train.add_argument(
+        "--restart",
+        action="store_true",
+        help="when every checkpoint of the run is damaged, move them aside and start again from step 0",
     )
     train.set_defaults(func=_cmd_train)
 

@@ -157,8 +157,8 @@ def consolidate_deepspeed(folder: Path, output_file: Path) -> Path:
     """Turn a DeepSpeed (ZeRO) checkpoint folder into one Lightning-style checkpoint file.
 
     Uses Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``, which gathers the fp32 weights from
-    the partitioned optimizer states and keeps the client state (our ``cytosyn`` section). Untested in
-    cytosyn's CI (DeepSpeed needs a GPU); see docs/sampling_release.md.
+    the partitioned optimizer states and keeps the client state (our ``cytosyn`` section and the EMA).
+    Tested with ZeRO-2 on two CPU processes (tests/test_deepspeed.py).
     """
     try:
         import deepspeed  # noqa: F401
@@ -224,6 +224,11 @@ def _load_checkpoint_file(path: Path) -> dict[str, Any]:
         raise PipelineError(
             f"{path} is not a cytosyn training checkpoint (no 'state_dict' / 'cytosyn' section)"
         )
+    # DeepSpeed runs keep the fp32 EMA in their client state (it is not part of the engine's module):
+    # fold it back to where DDP checkpoints have it, so both read the same way.
+    ema = ckpt.pop("ema_state_dict", None)
+    if ema is not None:
+        ckpt["state_dict"].update({f"ema.{k}": v for k, v in ema.items()})
     return ckpt
 
 

@@ -488,7 +488,9 @@ def status(run_dir: Path) -> str:
         else run_dir / "checkpoints" / "last.ckpt"
     )
     if not ckpt.is_absolute():
-        ckpt = run_dir / ckpt
+        # Recorded relative to the run folder; older runs recorded it relative to the working directory
+        # of training (already starting with the run folder's own relative path).
+        ckpt = run_dir / ckpt if (run_dir / ckpt).exists() or not ckpt.exists() else ckpt
     if ckpt.exists():
         st = ckpt.stat()
         lines.append(f"  checkpoint   {ckpt} ({_bytes(_path_size(ckpt))}, saved {_ago(now - st.st_mtime)})")

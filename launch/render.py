@@ -175,7 +175,8 @@ _SBATCH = """#!/bin/bash
 # Lightning picks cuda:LOCAL_RANK itself.
 #
 # Preemption and time limit: SLURM sends SIGUSR1 to the training processes @@{signal_s} s before the
-# time limit (the --signal directive); Lightning saves a checkpoint and runs `scontrol requeue`, and
+# time limit (the --signal directive); `cytosyn train` checkpoints at the next step boundary and runs
+# `scontrol requeue` (Lightning's own SLURM auto-requeue is off: one mechanism), and
 # the job starts again under the same id, resuming from RUN_DIR/checkpoints/last.ckpt (logs are
 # appended: --open-mode=append). If training instead exits @@{ex_tempfail} (checkpoint saved, requeue
 # me) this script requeues the job itself. At most @@{max_attempts} starts (max_attempts).
@@ -184,6 +185,8 @@ RUN_DIR=@@{run_dir}
 CONFIG=@@{config}
 ATTEMPTS="$RUN_DIR/launch/attempts.jsonl"
 MAX_ATTEMPTS=@@{max_attempts}
+# Training reads this to stop requeueing itself after MAX_ATTEMPTS starts (SLURM_RESTART_COUNT + 1).
+export CYTOSYN_MAX_ATTEMPTS=$MAX_ATTEMPTS
 JOB_ID="${SLURM_JOB_ID:-unknown}"
 attempt=$(( ${SLURM_RESTART_COUNT:-0} + 1 ))
 
@@ -222,7 +225,7 @@ else
 fi
 
 if [[ $preempted == true ]] && (( ! got_term )); then
-  # Lightning normally requeues the job itself on SIGUSR1 (and SLURM then ends this script with TERM);
+  # cytosyn train normally requeues the job itself on SIGUSR1 (and SLURM then ends this script with TERM);
   # this covers a training that saved its checkpoint and exited asking to be started again.
   if (( attempt < MAX_ATTEMPTS )); then
     echo "cytosyn: training saved a checkpoint and asked to be requeued (exit $rc): requeueing job $JOB_ID" >&2
@@ -253,6 +256,7 @@ RUN_DIR=@@{run_dir}
 CONFIG=@@{config}
 ATTEMPTS="$RUN_DIR/launch/attempts.jsonl"
 MAX_ATTEMPTS=@@{max_attempts}
+export CYTOSYN_MAX_ATTEMPTS=$MAX_ATTEMPTS  # the same bound for training's own requeue logic
 RESTART_DELAY=@@{restart_delay}
 JOB_ID="${CYTOSYN_JOB_ID:-torchrun-$(date -u +%Y%m%dT%H%M%SZ)-$HOSTNAME-$$}"
 attempt=0

@@ -1,4 +1,4 @@
-"""A real 2-process run through the torchrun launcher, preempted mid-run and relaunched."""
+"""Real 2-process runs through torchrun and the launcher, stopped by signals mid-run and relaunched."""
 
 from __future__ import annotations
 
@@ -32,11 +32,15 @@ def _launch(train_yaml: Path, cwd: Path) -> subprocess.Popen:
         sys.executable, "-m", "cytosyn.cli", "launch", "--config", str(train_yaml), "--backend", "torchrun",
         "--nodes", "1", "--gpus-per-node", "2", "--cpus-per-task", "1", "launch.restart_delay_seconds=0",
     ]  # fmt: skip
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    return _start(cmd, cwd)
+
+
+def _start(cmd: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """A job in its own process group (signals go to the whole job, as SLURM or a terminal send them)."""
     return subprocess.Popen(
         cmd,
         cwd=cwd,
-        env=env,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"} | env,
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -49,41 +53,77 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
 
 
+def _wait_for_step(run: Path, proc: subprocess.Popen, step: int) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads((run / "progress.json").read_text())["step"] >= step:
+                return
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"the job never reached step {step}")
+
+
+def _raw_torchrun(train_yaml: Path, cwd: Path) -> subprocess.Popen:
+    """`torchrun` itself, as a user would start it in a terminal (Ctrl-C reaches the whole group)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "localhost:0", "--max-restarts", "0", "-m", "cytosyn.cli", "train", "--config",
+        str(train_yaml),
+    ]  # fmt: skip
+    return _start(cmd, cwd, OMP_NUM_THREADS="1")
+
+
+def _metrics_rows(run_dir: Path) -> dict[int, float]:
+    rows: dict[int, float] = {}
+    for step, loss in _losses(run_dir):
+        assert step not in rows, f"step {step} logged twice"
+        rows[step] = loss
+    return rows
+
+
 @pytest.mark.slow
-def test_preempted_torchrun_job_resumes_to_the_same_losses(tiny_features, tmp_path):
+def test_three_attempts_sigint_then_sigterm_resume_exactly_with_the_whole_history(tiny_features, tmp_path):
+    """Attempt 1 under plain torchrun, stopped by Ctrl-C (SIGINT to torchrun and its workers); attempt 2
+    through the launcher's torchrun loop, stopped like a SLURM preemption (SIGTERM to the whole job);
+    attempt 3 finishes. Each stop checkpoints at a step boundary; the metrics history holds every step
+    exactly once and equals an uninterrupted run's, and so do the final weights."""
     reference = _launch(_write_train_yaml(tiny_features, tmp_path / "ref", tmp_path / "ref.yaml"), tmp_path)
     out, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, out[-3000:]
 
     run = tmp_path / "run"
-    first = _launch(_write_train_yaml(tiny_features, run, tmp_path / "run.yaml"), tmp_path)
+    train_yaml = _write_train_yaml(tiny_features, run, tmp_path / "run.yaml")
     progress = run / "progress.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if json.loads(progress.read_text())["step"] >= 6:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.1)
-    else:
-        first.kill()
-        pytest.fail("the job never reached step 6")
-    os.killpg(first.pid, signal.SIGTERM)  # what SLURM does to the whole job at preemption
-    first.communicate(timeout=300)
+
+    first = _raw_torchrun(train_yaml, tmp_path)
+    _wait_for_step(run, first, 6)
+    os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    out, _ = first.communicate(timeout=300)
     state = json.loads(progress.read_text())
-    assert state["status"] == "preempted" and 6 <= state["step"] < 24, state
+    assert state["status"] == "preempted" and 6 <= state["step"] < 24, (state, out[-3000:])
+    first_stop = state["step"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == first_stop
+
+    second = _launch(train_yaml, tmp_path)
+    _wait_for_step(run, second, first_stop + 4)
+    os.killpg(second.pid, signal.SIGTERM)  # what SLURM does to the whole job at preemption
+    second.communicate(timeout=300)
+    state = json.loads(progress.read_text())
+    assert state["status"] == "preempted" and first_stop < state["step"] < 24, state
     events = [json.loads(line) for line in (run / "launch" / "attempts.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "end" and events[-1]["preempted"] is True
 
-    second = _launch(tmp_path / "run.yaml", tmp_path)  # the same command again
-    out, _ = second.communicate(timeout=600)
-    assert second.returncode == 0, out[-3000:]
+    third = _launch(train_yaml, tmp_path)
+    out, _ = third.communicate(timeout=600)
+    assert third.returncode == 0, out[-3000:]
     assert json.loads(progress.read_text())["status"] == "finished"
 
-    ref_losses, run_losses = dict(_losses(tmp_path / "ref")), dict(_losses(run))
-    assert max(ref_losses) == max(run_losses) == 23
-    for step in range(state["step"], 24):  # every step trained after the resume
+    ref_losses, run_losses = _metrics_rows(tmp_path / "ref"), _metrics_rows(run)
+    assert sorted(run_losses) == sorted(ref_losses) == list(range(24))  # complete across 3 attempts
+    for step in range(24):
         assert run_losses[step] == pytest.approx(ref_losses[step], rel=1e-6, abs=1e-7), step
     a = torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]

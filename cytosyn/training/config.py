@@ -45,6 +45,9 @@ class RepaConfig(StrictModel):
     online_encoder: str | None = None  # compute targets from the images with this registry encoder
     online_weights: Path | None = None
     online_random_init: bool = False  # tests only
+    # Stored patch tokens take ~390 KB per tile (256×768 fp16): above this size the training start warns
+    # that computing them online (repa.online_encoder) is cheaper than reading them.
+    stored_tokens_limit_gb: float = 200.0
 
 
 class OptimConfig(StrictModel):
@@ -54,6 +57,7 @@ class OptimConfig(StrictModel):
     warmup_steps: int = 0  # linear warm-up of the learning rate
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     global_batch: int | None = None  # images per optimizer step; checked against the topology when set
+    fused: bool = True  # torch's fused AdamW (one kernel; skips a non-finite step on the device)
 
 
 class EMAConfig(StrictModel):
@@ -66,12 +70,16 @@ class TrainerConfig(StrictModel):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: int = 1  # processes (GPUs) per node
     num_nodes: int = 1
-    strategy: Literal["auto", "ddp", "deepspeed_stage_2"] = "auto"  # auto: ddp when more than one process
+    # auto: ddp when more than one process. deepspeed_stage_3 is refused with the reason (strategies.py).
+    strategy: Literal["auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
     precision: Literal["auto", "bf16-mixed", "16-mixed", "32-true"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    loss_scale_init: float = 65536.0  # 16-mixed only: the GradScaler's first scale
+    tf32: bool = True  # GPU: TF32 tensor cores for the fp32 matmuls outside autocast
     accumulate_grad_batches: int = 1
     grad_checkpointing: bool = False
     compile: bool = False
-    log_every_n_steps: int = 50
+    log_every_n_steps: int = 50  # values are read from the GPU only at these steps (one sync each)
+    log_grad_norms: bool = True  # per-module-group gradient norms at logging steps
     checkpoint_every_n_steps: int = 5000
     keep_last_checkpoints: int = 3
     max_consecutive_nonfinite: int = 20  # skipped steps in a row before the run stops
@@ -119,7 +127,7 @@ class TrainConfig(StrictModel):
                 f"accumulate_grad_batches = {self.data.batch_size} × {self.trainer.devices} × "
                 f"{self.trainer.num_nodes} × {self.trainer.accumulate_grad_batches} = {per_step}"
             )
-        if self.trainer.strategy == "deepspeed_stage_2" and self.trainer.accumulate_grad_batches != 1:
+        if self.trainer.strategy.startswith("deepspeed") and self.trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 "trainer.accumulate_grad_batches must be 1 with deepspeed_stage_2 (cytosyn optimises manually; "
                 "reach the global batch with more GPUs or a larger data.batch_size)"
@@ -141,7 +149,13 @@ class TrainConfig(StrictModel):
         """Settings a resumed run must share with its checkpoint (everything but run length and logging)."""
         data = self.model_dump(mode="json", exclude={"logging", "validation"})
         data["trainer"].pop("max_steps")
-        for key in ("log_every_n_steps", "checkpoint_every_n_steps", "keep_last_checkpoints"):
+        for key in (
+            "log_every_n_steps",
+            "log_grad_norms",
+            "checkpoint_every_n_steps",
+            "keep_last_checkpoints",
+        ):
             data["trainer"].pop(key)
         data["data"].pop("num_workers")
+        data["repa"].pop("stored_tokens_limit_gb")
         return data

@@ -4,14 +4,23 @@ One training step (``optim`` steps are counted separately from micro-batches):
 
 1. latents: z = mean + σ·ε from the stored VAE moments, normalised (the split's statistics, or an
    affine-free BatchNorm whose running statistics are part of the model and of its EMA);
-2. per sample, t, the noise and the null-condition draw come from a generator seeded with
-   (seed, micro-batch index, sample key) — so the run is a pure function of its inputs: resuming from a
-   checkpoint, or running the same global batch on 1 or 8 processes, draws exactly the same numbers;
+2. per sample, t, the noise, the posterior ε and the null-condition draw are a counter-based hash of
+   (seed, micro-batch index, sample key), computed on the device (:mod:`cytosyn.training.randomness`) —
+   so the run is a pure function of its inputs: resuming from a checkpoint, or running the same global
+   batch on 1 or 8 processes, draws exactly the same numbers;
 3. velocity loss + ``repa.weight`` × REPA loss (tokens after block ``repa_depth`` vs the encoder's patch
    tokens, resized to the SiT grid);
 4. optimisation by hand (Lightning's manual mode): gradient accumulation with gradient sync only on the
-   last micro-batch, clipping, AdamW with linear warm-up, EMA update. A non-finite loss on any rank
-   skips the whole optimizer step on every rank (and is counted); too many in a row stop the run.
+   last micro-batch, clipping, fused AdamW with linear warm-up, EMA update
+   (:mod:`cytosyn.training.optimization`). A step whose gradient norm is not finite is skipped on the
+   device on every rank (and counted); too many in a row stop the run.
+
+Nothing in a step waits for the GPU: losses stay on the device and are read, with the gradient norms
+and skip counters, once per logging interval (``trainer.log_every_n_steps``).
+
+The EMA (fp32) is not a submodule: it lives on global rank 0 only, outside DDP's buffer broadcast and
+outside what DeepSpeed casts or shards, and travels in the checkpoint (``ema.*`` keys of the state dict;
+``ema_state_dict`` in a DeepSpeed folder's client state, folded back into ``ema.*`` on consolidation).
 
 Validation (rank 0, every ``validation.every_n_steps``): the velocity loss at fixed t values with fixed
 noise on held-out-patient tiles and on a fixed set of training-patient tiles; their difference is the
@@ -20,11 +29,11 @@ overfitting signal.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
 from collections import deque
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +45,16 @@ from torch import Tensor, nn
 
 from cytosyn.config import config_hash
 from cytosyn.data import LoaderConfig, build_loader
-from cytosyn.diffusion import BatchNormLatentNorm, FixedLatentNorm, sample_time
+from cytosyn.diffusion import BatchNormLatentNorm, FixedLatentNorm
 from cytosyn.fileio import code_version
 from cytosyn.manifest import FeatureEntry, SplitManifest
 from cytosyn.models import align_tokens, build_sit, load_sit_state_dict, repa_loss
 from cytosyn.models.vae import latents_from_moments
 from cytosyn.training.config import TrainConfig
 from cytosyn.training.ema import EMA
+from cytosyn.training.logs import StepMetrics
+from cytosyn.training.optimization import StepGuard, group_norms, module_groups, zero2_group_norms
+from cytosyn.training.randomness import sample_keys, training_draws
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +88,19 @@ def split_features(cfg: TrainConfig, manifest: SplitManifest, where: Path) -> di
     if cfg.repa.weight > 0 and cfg.data.repa_target:
         target = _feature(manifest, f"{cfg.data.repa_target}.npy", where)
         repa_dim = int(target.details["shape"][-1])
+        stored_gb = manifest.samples * math.prod(target.details["shape"]) * 2 / 1e9  # fp16 tokens
+        if stored_gb > cfg.repa.stored_tokens_limit_gb:
+            log.warning(
+                "REPA targets: the stored %s tokens of %s take %.0f GB (%d tiles × %.0f KB), more than "
+                "repa.stored_tokens_limit_gb = %.0f; reading them costs more I/O than computing them: "
+                "set repa.online_encoder (and data.repa_target: null) to compute them on the fly",
+                cfg.data.repa_target,
+                where,
+                stored_gb,
+                manifest.samples,
+                stored_gb * 1e6 / max(1, manifest.samples),
+                cfg.repa.stored_tokens_limit_gb,
+            )
     info = {
         "cond_dim": int(cond.details["shape"][-1]),
         "cond_model": cond.model_id,
@@ -98,12 +123,6 @@ def split_features(cfg: TrainConfig, manifest: SplitManifest, where: Path) -> di
         "repa_dim": repa_dim,
     }
     return info
-
-
-def sample_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (stable across processes and Python versions)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class LatentDiffusionModule(L.LightningModule):
@@ -137,19 +156,35 @@ class LatentDiffusionModule(L.LightningModule):
         else:
             norm = BatchNormLatentNorm(features["latent_channels"])
         self.net = nn.ModuleDict({"model": model, "latent_norm": norm})
-        self.ema = EMA(self.net, decay=cfg.ema.decay, buffers=cfg.ema.buffers)
+        # Not a submodule (see the module docstring): set around nn.Module's registration.
+        object.__setattr__(self, "ema", EMA(self.net, decay=cfg.ema.decay, buffers=cfg.ema.buffers))
+        self._ema_restored = False
         self.online_encoder = None
         self.micro_step = 0  # micro-batches trained (skipped ones included): the randomness counter
-        self.skipped_steps = 0
-        self._bad_window = False
-        self._consecutive_bad = 0
+        self.skipped_steps = 0  # as restored / last read from the device counters
+        self.guard: StepGuard | None = None
+        self._metrics = StepMetrics()
+        self._pending_micro = 0  # micro-step of the first row not yet drained from _metrics
+        self._pending_keys: list[int] = []  # batch fingerprints of those rows
+        self._log_now = False
+        self._group_names: list[str] = []
+        self._group_params: dict[str, list[nn.Parameter]] = {}
+        self._group_norms: Tensor | None = None
+        self._flushed_at: tuple[float, int] | None = None  # (time, micro_step) of the last flush
+        self.last_metrics: dict[str, float] = {}  # the values of the last logging step (progress.json)
         self._loader = None
         self._loader_state_to_restore: list[dict] | None = None
         self._last_loader_state: dict | None = None
         self._val_sets: dict[str, tuple[Tensor, Tensor, Tensor | None]] | None = None
-        self._t_last = None
+        self.disabled: dict[str, str] = {}  # rank-0 extras switched off (validation, sample grid): why
         # Per micro-batch losses of this process (tests, short runs); bounded so long runs do not grow it.
         self.history: deque[dict[str, float]] = deque(maxlen=100_000)
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
 
     # ---- data ------------------------------------------------------------------------------------------
 
@@ -166,6 +201,7 @@ class LatentDiffusionModule(L.LightningModule):
             seed=cfg.seed,
             verify_hashes=cfg.data.verify_hashes,
             members=members + (["image"] if cfg.repa.online_encoder else []),
+            pin_memory=self.device.type == "cuda",  # then Lightning's copy to the GPU is non-blocking
         )
         self._loader = build_loader(
             cfg.data.train, loader_cfg, rank=self.global_rank, world_size=self.trainer.world_size
@@ -176,22 +212,22 @@ class LatentDiffusionModule(L.LightningModule):
             self._loader.load_state_dict(state)
         return _LoaderWithState(self._loader)
 
-    def _randomness(self, keys: list[str], shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Per-sample t, noise, posterior ε and dropout draw, from (seed, micro-batch, key)."""
-        ts, noises, eps, drops = [], [], [], []
+    def _randomness(
+        self, keys: list[str], shape: tuple[int, ...]
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Per-sample t, noise, posterior ε (or None) and dropout draw, from (seed, micro-batch, key)."""
         d = self.cfg.diffusion
-        for key in keys:
-            g = torch.Generator().manual_seed(sample_seed(self.cfg.seed, self.micro_step, key))
-            ts.append(sample_time(1, d.time_sampling, d.logit_mean, d.logit_std, generator=g))
-            noises.append(torch.randn(shape, generator=g))
-            eps.append(torch.randn(shape, generator=g))
-            drops.append(torch.rand(1, generator=g) < self.cfg.model.cond_dropout)
-        dev = self.device
-        return (
-            torch.cat(ts).to(dev),
-            torch.stack(noises).to(dev),
-            torch.stack(eps).to(dev),
-            torch.cat(drops).to(dev),
+        key_tensor, self._last_keys = sample_keys(self.cfg.seed, self.micro_step, keys)
+        if self.device.type == "cuda":
+            key_tensor = key_tensor.pin_memory()
+        return training_draws(
+            key_tensor.to(self.device, non_blocking=True),
+            shape,
+            d.time_sampling,
+            d.logit_mean,
+            d.logit_std,
+            self.cfg.model.cond_dropout,
+            posterior=d.sample_posterior,
         )
 
     def _latents(self, moments: Tensor, eps: Tensor | None) -> Tensor:
@@ -205,9 +241,9 @@ class LatentDiffusionModule(L.LightningModule):
         if cfg.repa.online_encoder:
             enc = self._get_online_encoder()
             with torch.no_grad():
-                tokens = enc(batch["image"].to(self.device), ("patch",))["patch"]
+                tokens = enc(batch["image"].to(self.device, non_blocking=True), ("patch",))["patch"]
         else:
-            tokens = batch[cfg.data.repa_target].to(self.device)
+            tokens = batch[cfg.data.repa_target].to(self.device, non_blocking=True)
         return align_tokens(tokens.float(), grid, mode=cfg.repa.alignment)
 
     def _get_online_encoder(self):
@@ -223,14 +259,39 @@ class LatentDiffusionModule(L.LightningModule):
 
     # ---- training --------------------------------------------------------------------------------------
 
+    def on_fit_start(self) -> None:
+        """What a step needs from outside, resolved before the first step (never on one rank mid-run) and
+        before the run folder records the start as successful (callbacks' ``on_train_start``)."""
+        if self.cfg.repa.weight > 0 and self.cfg.repa.online_encoder:
+            self._get_online_encoder()  # a missing or gated encoder fails here, on every rank
+        if self.global_rank == 0:
+            self._resolve_sample_grid()
+
+    def on_train_start(self) -> None:
+        """After the checkpoint (if any) is restored — DeepSpeed restores after ``on_fit_start``."""
+        if self.global_rank == 0:
+            if not self._ema_restored and self.trainer.ckpt_path is not None:
+                log.warning("the checkpoint has no EMA weights: the EMA restarts from the current weights")
+                self.ema.copy_from(self.net)
+            self.ema.to(self.device)
+        else:
+            object.__setattr__(self, "ema", None)  # only rank 0 saves, validates and samples with it
+        model = self.net["model"]
+        self._group_params = module_groups(getattr(model, "_orig_mod", model))
+        self._group_names = list(self._group_params)
+        self.guard = StepGuard(
+            self.net.parameters(), self.cfg.optim.grad_clip, self.device, self.skipped_steps
+        )
+        self._flushed_at = (time.perf_counter(), self.micro_step)
+        self._pending_micro = self.micro_step
+
     def _losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         model = self.net["model"]
         keys = list(batch["__key__"])
-        self._last_keys = sample_seed(*keys)  # a fingerprint of the batch, for resume checks
         moments = batch["vae"]
         shape = tuple(moments.shape[2:])
         t, noise, eps, drop = self._randomness(keys, shape)
-        x0 = self._latents(moments, eps if self.cfg.diffusion.sample_posterior else None)
+        x0 = self._latents(moments, eps)
         cond = batch[self.cfg.data.condition].to(self.device, torch.float32)
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
         target_tokens = self._repa_targets(batch, model.cfg.grid_size)
@@ -243,111 +304,123 @@ class LatentDiffusionModule(L.LightningModule):
         loss_diff = (v.float() - (noise - x0)).square().mean()
         return loss_diff + self.cfg.repa.weight * loss_repa, loss_diff, loss_repa
 
-    def _all_ranks_finite(self, value: Tensor) -> bool:
-        flag = torch.tensor(float(torch.isfinite(value).all()), device=self.device)
-        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() > 0)
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        cfg = self.cfg
         opt = self.optimizers()
-        accum = cfg.trainer.accumulate_grad_batches
+        accum = self.cfg.trainer.accumulate_grad_batches
         last_micro = (self.micro_step + 1) % accum == 0
-        if self._t_last is None:
-            self._t_last = time.perf_counter()
         loss, loss_diff, loss_repa = self._losses(batch)
-        if not self._all_ranks_finite(loss):
-            self._bad_window = True
-            log.warning(
-                "non-finite loss at micro-batch %d (step %d): skipping this step",
-                self.micro_step,
-                self.global_step,
-            )
-        if not self._bad_window:
-            with opt.toggle_model(sync_grad=last_micro):
-                self.manual_backward(loss / accum)
+        with opt.toggle_model(sync_grad=False) if not last_micro else nullcontext():
+            self.manual_backward(loss / accum)
+        self._metrics.record(loss, loss_diff, loss_repa)
+        self._pending_keys.append(self._last_keys)
         self._last_loader_state = batch.get("__loader_state__")
         self.micro_step += 1
         if last_micro:
             self._optimizer_step(opt)
-        self._log_step(loss, loss_diff, loss_repa, last_micro)
 
     def _optimizer_step(self, opt) -> None:
-        cfg = self.cfg
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        norms = self._grad_norms() if self._should_log() else {}
-        total = torch.tensor(0.0)
-        if not self._bad_window and self.trainer.strategy.__class__.__name__ != "DeepSpeedStrategy":
-            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            total = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if not torch.isfinite(total):  # gradients are synced: every rank sees the same norm
-                self._bad_window = True
-                log.warning("non-finite gradient norm at step %d: skipping this step", self.global_step)
-        if self._bad_window:
-            opt.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self._consecutive_bad += 1
-            self._bad_window = False
-            if self._consecutive_bad >= cfg.trainer.max_consecutive_nonfinite:
-                raise FloatingPointError(
-                    f"{self._consecutive_bad} optimizer steps in a row had a non-finite loss or gradient "
-                    f"(last at step {self.global_step}); stopping. The last good checkpoint is intact in "
-                    f"{cfg.run_dir / 'checkpoints'}; lower optim.lr or check the data."
-                )
-            return
-        opt.step()
+        step = self.global_step  # index of this optimizer step (0-based)
+        self._log_now = self._is_log_step(step)
+        opt.step()  # → on_before_optimizer_step: norm, clipping, skip flag; then the (fused) update
+        StepGuard.after_step(opt.optimizer)
         opt.zero_grad(set_to_none=True)
+        if self.uses_deepspeed:
+            self.guard.record(self.trainer.strategy.deepspeed_engine.get_global_grad_norm())
+        else:
+            self.guard.record()
         self.lr_schedulers().step()
-        self.ema.update(self.net)
-        self._consecutive_bad = 0
-        if norms:
-            norms["grad_norm/total"] = float(total)
-            self.log_dict(norms, on_step=True, rank_zero_only=True)
+        if self.ema is not None:
+            self.ema.update(self.net)
+        if self._log_now:
+            self.flush_metrics(step)
 
-    def _grad_norms(self) -> dict[str, float]:
-        """Gradient norm per top-level module group (before clipping), for spotting a collapse early."""
-        groups: dict[str, float] = {}
-        for name, p in self.net["model"].named_parameters():
-            if p.grad is None:
-                continue
-            group = name.split(".")[0]
-            groups[group] = groups.get(group, 0.0) + float(p.grad.detach().float().square().sum())
-        return {f"grad_norm/{k}": math.sqrt(v) for k, v in groups.items()}
+    def on_before_optimizer_step(self, optimizer) -> None:
+        want_groups = self._log_now and self.cfg.trainer.log_grad_norms and "grad norms" not in self.disabled
+        if self.uses_deepspeed:
+            if want_groups:  # gradients exist only now, partitioned; the engine clips and guards
+                try:
+                    self._group_norms = zero2_group_norms(self._group_params, self.device)
+                except Exception as err:  # private DeepSpeed API: never let logging break a run
+                    log.warning("per-group gradient norms unavailable under DeepSpeed (%s): not logged", err)
+                    self.disabled["grad norms"] = str(err)
+            return
+        if want_groups:
+            self._group_norms = group_norms(self._group_params, self.device)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        self.guard.before_step(optimizer, scaler)
 
-    def _should_log(self) -> bool:
-        every = self.cfg.trainer.log_every_n_steps
-        return every > 0 and (self.global_step + 1) % every == 0
+    def _is_log_step(self, step: int) -> bool:
+        every = self.cfg.trainer.log_every_n_steps or 100  # 0: not logged, but counters still checked
+        return (step + 1) % every == 0 or step + 1 == self.cfg.trainer.max_steps
 
-    def _log_step(self, loss: Tensor, loss_diff: Tensor, loss_repa: Tensor, last_micro: bool) -> None:
+    def flush_metrics(self, step: int | None = None) -> dict[str, float]:
+        """Read everything recorded since the last flush (one host sync), log it, enforce the skip limit."""
+        if self.guard is None or not len(self._metrics):
+            return {}
+        step = self.global_step - 1 if step is None else step
         world = self.trainer.world_size
-        images_seen = self.micro_step * self.cfg.data.batch_size * world
-        values = {
-            "train/loss": loss.detach(),
-            "train/loss_diffusion": loss_diff.detach(),
-            "train/loss_repa": loss_repa.detach(),
+        extra = [self.guard.summary_tensor()]
+        if self._group_norms is not None:
+            extra.append(self._group_norms.to(self.device))
+        drained = self._metrics.drain(torch.cat(extra), world_mean=world > 1 and dist.is_initialized())
+        for i, (row, key) in enumerate(zip(drained.local_rows, self._pending_keys)):
+            self.history.append({"micro_step": self._pending_micro + i + 1, "loss": row[0], "keys": key})
+        self._pending_keys = []
+        self._pending_micro = self.micro_step
+        skipped, worst, norm = drained.extra[:3]
+        self.skipped_steps = int(skipped)
+        now = time.perf_counter()
+        t0, m0 = self._flushed_at or (now, self.micro_step)
+        self._flushed_at = (now, self.micro_step)
+        images = (self.micro_step - m0) * self.cfg.data.batch_size * world
+        values: dict[str, float] = {"train/skipped_steps": skipped, "grad_norm/total": norm}
+        if drained.mean_rows:
+            n = len(drained.mean_rows)
+            for j, name in enumerate(("train/loss", "train/loss_diffusion", "train/loss_repa")):
+                values[name] = sum(r[j] for r in drained.mean_rows) / n
+        if self._group_norms is not None:
+            values |= {f"grad_norm/{g}": v for g, v in zip(self._group_names, drained.extra[3:])}
+            self._group_norms = None
+        values |= {
+            "images_seen": float(self.micro_step * self.cfg.data.batch_size * world),
+            "lr": self.lr_schedulers().get_last_lr()[0],
         }
-        self.log_dict(values, on_step=True, prog_bar=False, sync_dist=world > 1)
-        self.log("images_seen", float(images_seen), on_step=True, prog_bar=True)
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-        if last_micro:
-            now = time.perf_counter()
-            dt = now - self._t_last
-            self._t_last = now
-            imgs = self.cfg.images_per_step
-            self.log("perf/images_per_s", imgs / dt, on_step=True)
-            self.log("perf/images_per_s_per_device", imgs / dt / world, on_step=True)
-            self.log("lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
-            if self.device.type == "cuda":
-                self.log("perf/max_memory_gb", torch.cuda.max_memory_allocated() / 2**30, on_step=True)
-        self.history.append(
-            {"micro_step": self.micro_step, "loss": float(loss.detach()), "keys": self._last_keys}
-        )
+        if images and now > t0:
+            values["perf/images_per_s"] = images / (now - t0)
+            values["perf/images_per_s_per_device"] = images / (now - t0) / world
+        if self.device.type == "cuda":
+            values["perf/max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.last_metrics = values
+        if self.cfg.trainer.log_every_n_steps:
+            self.log_values(values, step)
+        limit = self.cfg.trainer.max_consecutive_nonfinite
+        if worst >= limit:
+            raise FloatingPointError(
+                f"{int(worst)} optimizer steps in a row had a non-finite gradient norm (last logged step "
+                f"{step}); stopping. The last good checkpoint is intact in {self.cfg.run_dir / 'checkpoints'}; "
+                "lower optim.lr or check the data."
+            )
+        return values
+
+    def log_values(self, values: dict[str, float], step: int) -> None:
+        """Send values to the run's loggers (rank 0; CSV and W&B)."""
+        if self.global_rank != 0:
+            return
+        for logger in self.loggers:
+            logger.log_metrics(values, step=step)
 
     def configure_optimizers(self):
         o = self.cfg.optim
         params = [p for p in self.net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        fused = o.fused and _fused_adamw_supported(self.device)
+        opt = torch.optim.AdamW(
+            params,
+            lr=o.lr,
+            betas=o.betas,
+            weight_decay=o.weight_decay,
+            fused=fused or None,
+            foreach=None if fused else True,
+        )
         warm = max(1, o.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -360,13 +433,41 @@ class LatentDiffusionModule(L.LightningModule):
         step = self.global_step
         if not at_boundary or step == 0 or step == self._last_validated or self.global_rank != 0:
             return
-        if v.every_n_steps and step % v.every_n_steps == 0:
-            self.log_dict(self.validation_losses(), rank_zero_only=True)
-        if v.sample_grid_every_n_steps and step % v.sample_grid_every_n_steps == 0:
-            self.write_sample_grid(Path(self.cfg.run_dir) / "samples" / f"step-{step:08d}.png")
         self._last_validated = step
+        if v.every_n_steps and step % v.every_n_steps == 0:
+            # Logged at the index of the step just taken, like its training row: a resume from the
+            # checkpoint of this step keeps it (rows of steps ≥ the resumed step are dropped).
+            self._rank0_extra("validation", lambda: self.log_values(self.validation_losses(), step - 1))
+        if v.sample_grid_every_n_steps and step % v.sample_grid_every_n_steps == 0:
+            path = Path(self.cfg.run_dir) / "samples" / f"step-{step:08d}.png"
+            self._rank0_extra("sample grid", lambda: self.write_sample_grid(path))
 
     _last_validated = -1
+
+    def _rank0_extra(self, name: str, work) -> None:
+        """Run rank-0-only work (validation, sample grid); a failure switches it off with an error in the
+        log instead of killing rank 0 alone, which would leave every other rank blocked in a collective."""
+        if name in self.disabled:
+            return
+        try:
+            work()
+        except Exception as err:
+            self.disabled[name] = f"{type(err).__name__}: {err}"
+            log.exception(
+                "%s failed at step %d; switched off for the rest of this run", name, self.global_step
+            )
+
+    def _resolve_sample_grid(self) -> None:
+        """Load the sample grid's VAE before training starts; if it cannot be loaded, skip the grid."""
+        if not self.cfg.validation.sample_grid_every_n_steps or self._grid_vae_model is not None:
+            return
+        try:
+            self._grid_vae_model = self._grid_vae()
+        except Exception as err:
+            self.disabled["sample grid"] = str(err)
+            log.warning("sample grid switched off for this run: its VAE cannot be loaded (%s)", err)
+
+    _grid_vae_model = None
 
     def _grid_vae(self):
         """The featurized split's VAE: rebuilt from its seed if random, else from validation.vae_weights."""
@@ -391,7 +492,8 @@ class LatentDiffusionModule(L.LightningModule):
         if self._grid is None:
             split = self.cfg.data.val or self.cfg.data.train
             moments, cond = self._fixed_set(split)
-            self._grid = (moments[: v.sample_grid_size, 0], cond[: v.sample_grid_size], self._grid_vae())
+            vae = self._grid_vae_model if self._grid_vae_model is not None else self._grid_vae()
+            self._grid = (moments[: v.sample_grid_size, 0], cond[: v.sample_grid_size], vae)
         real_latents, cond, vae = self._grid
         net = self.ema.module
         model, norm = net["model"], net["latent_norm"]
@@ -488,6 +590,8 @@ class LatentDiffusionModule(L.LightningModule):
         if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             states = [None] * self.trainer.world_size
             dist.all_gather_object(states, self._last_loader_state)
+        if self.guard is not None:
+            self.skipped_steps = int(self.guard.skipped.item())  # one sync per checkpoint
         checkpoint["cytosyn"] = {
             "format": "cytosyn.train/1",
             "config": self.cfg.model_dump(mode="json"),
@@ -500,6 +604,12 @@ class LatentDiffusionModule(L.LightningModule):
             "images_seen": self.micro_step * self.cfg.data.batch_size * self.trainer.world_size,
             "code_version": code_version(),
         }
+        if self.ema is not None:  # rank 0: the rank that writes the model file / DeepSpeed's client state
+            ema_state = self.ema.state_dict()
+            if "state_dict" in checkpoint and not self.uses_deepspeed:
+                checkpoint["state_dict"].update({f"ema.{k}": v for k, v in ema_state.items()})
+            else:  # DeepSpeed keeps only its client state besides the engine's own files
+                checkpoint["ema_state_dict"] = ema_state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("cytosyn")
@@ -514,6 +624,25 @@ class LatentDiffusionModule(L.LightningModule):
         self.micro_step = meta["micro_step"]
         self.skipped_steps = meta["skipped_steps"]
         self._loader_state_to_restore = [s for s in meta["loader_states"] if s is not None] or None
+        ema_state = pop_ema_state(checkpoint)  # out of the state dict before Lightning loads it (strict)
+        if ema_state is not None and self.ema is not None:
+            self.ema.load_state_dict(ema_state)
+            self._ema_restored = True
+
+
+def pop_ema_state(checkpoint: dict[str, Any]) -> dict[str, Tensor] | None:
+    """Remove and return the EMA's state from a training checkpoint (either place it can be)."""
+    state = checkpoint.pop("ema_state_dict", None)
+    model_state = checkpoint.get("state_dict") or {}
+    in_model = {
+        k[len("ema.") :]: model_state.pop(k) for k in [k for k in model_state if k.startswith("ema.")]
+    }
+    return state if state is not None else (in_model or None)
+
+
+def _fused_adamw_supported(device: torch.device) -> bool:
+    """torch ships fused AdamW kernels for CUDA and CPU (and a few other backends)."""
+    return device.type in ("cuda", "cpu", "mps", "xpu")
 
 
 class _LoaderWithState:

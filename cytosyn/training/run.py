@@ -2,37 +2,34 @@
 
 Run folder (``run_dir``)::
 
-    config.yaml                  resolved config of the first start (a resume must match it, or --force)
-    checkpoints/last.ckpt        the latest checkpoint (atomic), plus step-XXXXXXXX.ckpt (the last k kept)
-    logs/metrics.csv             every logged value (CSV), and wandb/ when wandb logging is on
+    config.yaml                  resolved config of the first start (a resume must match it, or --force);
+                                 written only once a start has succeeded (checkpoint loaded, ranks ready)
+    checkpoints/last.ckpt        the latest checkpoint (atomic), plus step-XXXXXXXX.ckpt (the last k kept);
+                                 folders under DeepSpeed (see cytosyn/training/checkpoints.py)
+    logs/metrics.csv             every logged value, appended across restarts; wandb/ when W&B is on
+    wandb_run_id                 the W&B run a requeued job continues
     progress.json                step, images seen, last checkpoint, loss, images/s, status (for `cytosyn status`)
 
-Rerunning the same command resumes from the newest intact checkpoint. On SIGUSR1 or SIGTERM (SLURM's
-warning before the time limit, or a preemption) every rank finishes its step, a checkpoint is written,
-the job asks SLURM to requeue it (``scontrol requeue``) when it runs under SLURM, and the process exits
-with :data:`EXIT_REQUEUE` (75) so a plain launcher loop can restart it too.
+Rerunning the same command resumes from the intact checkpoint with the highest step. If checkpoints
+exist but none is intact, training refuses to start unless ``restart=True`` (``--restart``), which moves
+them aside and starts from step 0. On SIGUSR1, SIGTERM or SIGINT every rank finishes its step, a
+checkpoint is written, the job asks SLURM to requeue it (``scontrol requeue``, bounded by
+``CYTOSYN_MAX_ATTEMPTS`` that the rendered job script sets) when it runs under SLURM, and the process
+exits with :data:`EXIT_REQUEUE` (75) so a plain launcher loop can restart it too.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
-import subprocess
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-import torch.distributed as dist
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from cytosyn.config import (
     ConfigError,
@@ -42,10 +39,20 @@ from cytosyn.config import (
     load_config,
     write_resolved_config,
 )
-from cytosyn.fileio import atomic_write_text
 from cytosyn.manifest import read_manifest
+from cytosyn.training.callbacks import PROGRESS_FILE, Preemption, ProgressFile, RunFolder
+from cytosyn.training.checkpoints import (
+    CHECKPOINT_DIR,
+    CheckpointWriteError,
+    NoIntactCheckpointError,
+    describe_write_error,
+    find_resume_checkpoint,
+    set_aside_checkpoints,
+)
 from cytosyn.training.config import TrainConfig
+from cytosyn.training.logs import AppendingCSVLogger, wandb_run_id
 from cytosyn.training.module import LatentDiffusionModule, TrainingDataError, split_features
+from cytosyn.training.strategies import Execution, build_strategy, configure_backends, resolve_execution
 
 log = logging.getLogger(__name__)
 # cytosyn checkpoints after the optimizer step on purpose (the state a resume continues from).
@@ -53,180 +60,39 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again": the launcher restarts the job, which resumes
-CHECKPOINT_DIR = "checkpoints"
-PROGRESS_FILE = "progress.json"
+MAX_ATTEMPTS_ENV = "CYTOSYN_MAX_ATTEMPTS"  # set by the rendered sbatch / torchrun scripts
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "EXIT_REQUEUE",
+    "PROGRESS_FILE",
+    "CheckpointWriteError",
+    "NoIntactCheckpointError",
+    "TrainResult",
+    "build_trainer",
+    "find_resume_checkpoint",
+    "run_training",
+]
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it: a kill never leaves a torn checkpoint."""
+def _process_rank() -> int:
+    """This process's global rank before the process group exists (torchrun, srun or Lightning's launcher)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            torch.save(checkpoint, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
-def _intact(path: Path) -> bool:
-    """A torch checkpoint is a zip archive: check its central directory and CRCs without unpickling."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return z.testzip() is None
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def find_resume_checkpoint(run_dir: Path) -> Path | None:
-    """The newest intact checkpoint of a run: last.ckpt, else step-*.ckpt newest first (corrupt ones skipped)."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    candidates = [folder / "last.ckpt", *sorted(folder.glob("step-*.ckpt"), reverse=True)]
-    for path in candidates:
-        if path.is_file():
-            if _intact(path):
-                return path
-            log.error("checkpoint %s is corrupted (truncated or damaged zip): skipping it", path)
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Callbacks
-# --------------------------------------------------------------------------------------------------
-
-
-class ProgressFile(Callback):
-    """Keeps ``progress.json`` up to date (rank 0) for humans and ``cytosyn status``."""
-
-    def __init__(self, run_dir: Path, every_n_steps: int):
-        self.path = Path(run_dir) / PROGRESS_FILE
-        self.every = max(1, every_n_steps)
-        self.status = "running"
-
-    def write(self, trainer: L.Trainer, module: LatentDiffusionModule, status: str | None = None) -> None:
-        if trainer.global_rank != 0:
-            return
-        metrics = trainer.callback_metrics
-        last = Path(module.cfg.run_dir) / CHECKPOINT_DIR / "last.ckpt"
-        data = {
-            "step": trainer.global_step,
-            "images_seen": module.micro_step * module.cfg.data.batch_size * trainer.world_size,
-            "skipped_steps": module.skipped_steps,
-            "loss": float(metrics["train/loss"]) if "train/loss" in metrics else None,
-            "images_per_s": float(metrics["perf/images_per_s"]) if "perf/images_per_s" in metrics else None,
-            "last_checkpoint": str(last) if last.exists() else None,
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "status": status or self.status,
-        }
-        atomic_write_text(self.path, json.dumps(data, indent=2) + "\n")
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every == 0:
-            self.write(trainer, module)
-
-    def on_train_end(self, trainer, module) -> None:
-        self.write(trainer, module)
-
-    def on_exception(self, trainer, module, exception) -> None:
-        self.write(trainer, module, status="failed")
-
-
-class Preemption(Callback):
-    """SIGUSR1/SIGTERM → checkpoint at the next step boundary on every rank, requeue, stop."""
-
-    def __init__(self, run_dir: Path, max_attempts: int):
-        self.run_dir = Path(run_dir)
-        self.max_attempts = max_attempts
-        self.requested = False
-        self.preempted = False
-
-    def _handler(self, signum, frame) -> None:
-        log.warning("received signal %d: checkpointing at the next step and stopping", signum)
-        self.requested = True
-
-    def on_train_start(self, trainer, module) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. some notebook runners)
-                log.warning("cannot install a handler for signal %s here", sig)
-
-    def on_train_end(self, trainer, module) -> None:
-        """A finished run always leaves its final weights in last.ckpt (every rank takes part)."""
-        if not self.preempted:
-            trainer.save_checkpoint(self.run_dir / CHECKPOINT_DIR / "last.ckpt")
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if module.micro_step % module.cfg.trainer.accumulate_grad_batches:
-            return  # only at optimizer-step boundaries
-        flag = torch.tensor(float(self.requested), device=module.device)
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() == 0:
-            return
-        trainer.save_checkpoint(self.run_dir / CHECKPOINT_DIR / "last.ckpt")
-        self.preempted = True
-        trainer.should_stop = True
-        if trainer.global_rank == 0:
-            self._requeue()
-
-    def _requeue(self) -> None:
-        job = os.environ.get("SLURM_JOB_ID")
-        if not job:
-            return
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        if restarts + 1 >= self.max_attempts:
-            log.error(
-                "job %s was already started %d times (max_attempts %d): not requeuing",
-                job,
-                restarts + 1,
-                self.max_attempts,
-            )
-            return
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        if result.returncode:
-            log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
-        else:
-            log.info("requeued SLURM job %s", job)
-
-
-# --------------------------------------------------------------------------------------------------
-# Trainer
-# --------------------------------------------------------------------------------------------------
-
-
-def _accelerator(cfg: TrainConfig) -> str:
-    if cfg.trainer.accelerator == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    return "gpu" if cfg.trainer.accelerator == "cuda" else cfg.trainer.accelerator
-
-
-def build_trainer(cfg: TrainConfig, callbacks: list[Callback]) -> L.Trainer:
-    """A Lightning Trainer for ``cfg``: bf16 on GPU / fp32 on CPU, DDP or DeepSpeed ZeRO-2, loggers."""
+def build_trainer(
+    cfg: TrainConfig,
+    callbacks: list[Callback],
+    execution: Execution | None = None,
+    csv_logger: AppendingCSVLogger | None = None,
+) -> L.Trainer:
+    """A Lightning Trainer for ``cfg`` (strategy and precision from :func:`resolve_execution`), with loggers."""
+    execution = execution or resolve_execution(cfg)
     t = cfg.trainer
-    accelerator = _accelerator(cfg)
-    precision = (
-        t.precision if t.precision != "auto" else ("bf16-mixed" if accelerator == "gpu" else "32-true")
-    )
-    world = t.devices * t.num_nodes
-    plugins: list[Any] = []
-    if t.strategy == "deepspeed_stage_2":
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        strategy: Any = DeepSpeedStrategy(stage=2)
-    elif t.strategy == "ddp" or world > 1:
-        from lightning.pytorch.strategies import DDPStrategy
-
-        strategy = DDPStrategy(find_unused_parameters=False)
-        plugins.append(AtomicCheckpointIO())
-    else:
-        strategy = "auto"
-        plugins.append(AtomicCheckpointIO())
-    loggers: list[Any] = [CSVLogger(str(cfg.run_dir), name="logs", version="")]
+    strategy, plugins, precision = build_strategy(cfg, execution)
+    loggers: list[Any] = [csv_logger or AppendingCSVLogger(cfg.run_dir)]
     if cfg.logging.wandb != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -237,6 +103,9 @@ def build_trainer(cfg: TrainConfig, callbacks: list[Callback]) -> L.Trainer:
                 name=cfg.logging.name or Path(cfg.run_dir).name,
                 mode=cfg.logging.wandb,
                 config=config_to_dict(cfg),
+                # The same W&B run across restarts (the id is stored in the run folder by rank 0).
+                id=wandb_run_id(cfg.run_dir, create=_process_rank() == 0),
+                resume="allow",
             )
         )
     checkpoints = ModelCheckpoint(
@@ -245,12 +114,15 @@ def build_trainer(cfg: TrainConfig, callbacks: list[Callback]) -> L.Trainer:
         auto_insert_metric_name=False,
         every_n_train_steps=t.checkpoint_every_n_steps,
         save_top_k=t.keep_last_checkpoints,
-        monitor="images_seen",
+        monitor="step",
         mode="max",
         save_last=True,
+        enable_version_counter=False,  # always last.ckpt (never last-v1.ckpt beside an older last.ckpt)
     )
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
     return L.Trainer(
-        accelerator=accelerator,
+        accelerator=execution.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=strategy,
@@ -258,13 +130,13 @@ def build_trainer(cfg: TrainConfig, callbacks: list[Callback]) -> L.Trainer:
         max_steps=t.max_steps,
         max_epochs=-1,
         logger=loggers,
-        callbacks=[checkpoints, *callbacks],
+        callbacks=[checkpoints, TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)), *callbacks],
         plugins=plugins,
-        log_every_n_steps=t.log_every_n_steps,
+        log_every_n_steps=max(1, t.log_every_n_steps),
         limit_val_batches=0,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
-        sync_batchnorm=cfg.diffusion.latent_norm == "batchnorm" and world > 1,
+        sync_batchnorm=cfg.diffusion.latent_norm == "batchnorm" and execution.world_size > 1,
         enable_model_summary=False,
         default_root_dir=str(cfg.run_dir),
     )
@@ -281,28 +153,76 @@ class TrainResult:
     validation: dict[str, float]  # held-out and train-patient losses at the end (rank 0)
 
 
-def _check_config_drift(cfg: TrainConfig, force: bool) -> None:
+def _check_config_drift(cfg: TrainConfig, force: bool) -> bool:
+    """Refuse a config that differs from the run's (unless ``force``); True when config.yaml must be written."""
     path = cfg.run_dir / "config.yaml"
     if not path.exists():
-        return
+        return True
     old = load_config(TrainConfig, path)
     if config_hash(old.identity_settings()) == config_hash(cfg.identity_settings()):
-        return
+        return False
     diffs = config_differences(old.identity_settings(), cfg.identity_settings())
     message = f"run folder {cfg.run_dir} was started with another config: " + "; ".join(diffs)
     if not force:
         raise ConfigError(message + " (resume with the original config, or pass --force)")
-    log.warning("%s — continuing because of --force", message)
+    log.warning(
+        "%s — continuing because of --force (config.yaml is replaced once the start succeeds)", message
+    )
+    return True
 
 
-def run_training(cfg: TrainConfig, force: bool = False) -> TrainResult:
-    """Train (or resume) the run in ``cfg.run_dir`` until ``trainer.max_steps`` or a preemption signal."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    _check_config_drift(cfg, force)
-    if force or not (cfg.run_dir / "config.yaml").exists():
-        write_resolved_config(cfg, cfg.run_dir / "config.yaml")
-    train_manifest = read_manifest(cfg.data.train)
-    features = split_features(cfg, train_manifest, cfg.data.train)
+def _config_writer(cfg: TrainConfig):
+    """Write config.yaml (keeping a replaced one as config.<UTC time>.yaml): called once the start succeeded."""
+
+    def write() -> None:
+        path = cfg.run_dir / "config.yaml"
+        if path.exists():
+            os.replace(path, path.with_name(f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.yaml"))
+        write_resolved_config(cfg, path)
+
+    return write
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Refuse a run folder whose checkpoints cannot be written, before any work."""
+    folder = run_dir / CHECKPOINT_DIR
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"cytosyn")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointWriteError(describe_write_error(err, probe) + "; nothing was trained") from None
+
+
+def _resume_point(cfg: TrainConfig, restart: bool) -> Path | None:
+    try:
+        return find_resume_checkpoint(cfg.run_dir)
+    except NoIntactCheckpointError:
+        if not restart:
+            raise
+    if _process_rank() == 0:
+        set_aside_checkpoints(cfg.run_dir)
+        metrics = cfg.run_dir / "logs" / "metrics.csv"
+        if metrics.is_file():  # keep the old history, start a new one
+            os.replace(
+                metrics, metrics.with_name(f"metrics.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.csv")
+            )
+    return None
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """End this attempt's W&B run (a process exit would; an in-process caller must, or the next attempt
+    would log into a run that is still open)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger._experiment.finish()
+
+
+def _features(cfg: TrainConfig) -> dict[str, Any]:
+    features = split_features(cfg, read_manifest(cfg.data.train), cfg.data.train)
     if cfg.data.val is not None:
         val_features = split_features(cfg, read_manifest(cfg.data.val), cfg.data.val)
         for key in ("cond_dim", "cond_model", "cond_weights", "latent_channels", "latent_size", "vae"):
@@ -310,21 +230,41 @@ def run_training(cfg: TrainConfig, force: bool = False) -> TrainResult:
                 raise TrainingDataError(
                     f"data.val was featurized differently from data.train ({key}: {val_features[key]!r} vs {features[key]!r})"
                 )
-    # Adam's second moments and small gradients drift into denormal floats, which x86 CPUs compute
-    # ~10x slower; flushing them to zero changes nothing measurable (no effect on GPUs).
-    torch.set_flush_denormal(True)
+    return features
+
+
+def run_training(cfg: TrainConfig, force: bool = False, restart: bool = False) -> TrainResult:
+    """Train (or resume) the run in ``cfg.run_dir`` until ``trainer.max_steps`` or a stop signal.
+
+    ``force``: resume although the config differs from the run's. ``restart``: when every checkpoint is
+    damaged, move them aside and start again from step 0 (otherwise that refuses to start).
+    """
+    execution = resolve_execution(cfg)  # impossible strategy/precision/device combinations: refused now
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(cfg.run_dir)
+    write_config = _check_config_drift(cfg, force)
+    features = _features(cfg)
+    resume = _resume_point(cfg, restart)
+    configure_backends(execution, cfg.trainer.tf32)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # model initialisation
     module = LatentDiffusionModule(cfg, features)
     module.force_resume = force
     if cfg.trainer.compile:
         module.net["model"].compile()
+    csv_logger = AppendingCSVLogger(cfg.run_dir)
     progress = ProgressFile(cfg.run_dir, cfg.trainer.log_every_n_steps)
-    preemption = Preemption(cfg.run_dir, max_attempts=int(os.environ.get("CYTOSYN_MAX_ATTEMPTS", "5")))
-    trainer = build_trainer(cfg, [progress, preemption])
-    resume = find_resume_checkpoint(cfg.run_dir)
+    preemption = Preemption(cfg.run_dir, max_attempts=int(os.environ.get(MAX_ATTEMPTS_ENV, "5")))
+    run_folder = RunFolder(_config_writer(cfg) if write_config else None, csv_logger)
+    trainer = build_trainer(cfg, [progress, preemption, run_folder], execution, csv_logger)
+    preemption.install(trainer)
     if resume is not None:
         log.info("resuming from %s", resume)
-    trainer.fit(module, ckpt_path=str(resume) if resume else None)
+    try:
+        trainer.fit(module, ckpt_path=str(resume) if resume else None)
+    finally:
+        preemption.restore()
+    module.flush_metrics()
+    _finish_wandb(trainer)
     status = "preempted" if preemption.preempted else "finished"
     progress.write(trainer, module, status=status)
     validation = module.validation_losses() if trainer.global_rank == 0 and status == "finished" else {}
