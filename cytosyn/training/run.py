@@ -315,6 +315,13 @@ def run_training(cfg: TrainConfig, force: bool = False) -> TrainResult:
     torch.set_flush_denormal(True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # model initialisation
     module = LatentDiffusionModule(cfg, features)
+    return fit_module(cfg, module, force)
+
+
+def fit_module(cfg: TrainConfig, module: LatentDiffusionModule, force: bool = False) -> TrainResult:
+    """Fit ``module`` in ``cfg.run_dir`` with training's trainer, callbacks (progress file, preemption and
+    requeue) and resume from the newest intact checkpoint. ``cytosyn train`` and ``cytosyn finetune``
+    both end here."""
     module.force_resume = force
     if cfg.trainer.compile:
         module.net["model"].compile()
