@@ -39,7 +39,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -420,14 +419,14 @@ __all__ = [
     "check_base",
     "inject_lora",
     "is_adapter_folder",
-    "load_adapter_into_pipeline",
-    "merge_pipeline_adapter",
     "label_indices",
+    "load_adapter_into_pipeline",
     "load_lora_state_dict",
     "lora_layers",
     "lora_state_dict",
     "mark_trainable",
     "merge_lora",
+    "merge_pipeline_adapter",
     "read_adapter_folder",
     "write_adapter_folder",
 ]

@@ -371,7 +371,7 @@ def run_sample(cfg: SampleConfig) -> SampleSummary:
             raise SampleError(f"labels {unknown} are not classes of the model; it knows {names}")
         labels = [name for name in (cfg.labels or names) for _ in range(cfg.per_class)]
     conditional = cfg.mode in ("conditional", "labelled")
-    if conditional and pipe.cond_dim is None:
+    if cfg.mode == "conditional" and pipe.cond_dim is None:
         raise SampleError(f"model {cfg.model} is unconditional; use mode=unconditional")
     s = cfg.sampler
     sampler_cfg = pipe.resolve_sampler(
@@ -385,7 +385,7 @@ def run_sample(cfg: SampleConfig) -> SampleSummary:
     inputs: dict[str, Any] = {
         "model": {"path": str(cfg.model), "name": pipe.name, "weights_sha256": pipe.weights_sha256}
     }
-    if conditional:
+    if cfg.mode == "conditional":
         assert cfg.split is not None
         try:
             manifest_in = read_manifest(cfg.split)
