@@ -24,8 +24,8 @@ from cytosyn.models.sit import LabelEmbedder
 from cytosyn.pipeline import CytoSynPipeline
 from cytosyn.release import run_release
 from cytosyn.shardio import ShardWriter, iter_shard_samples
-from cytosyn.training.fewshot import FewShotConfig, FewShotError, select_few_shot
 from cytosyn.training.config import TrainConfig
+from cytosyn.training.fewshot import FewShotConfig, FewShotError, select_few_shot
 from cytosyn.training.finetune import FinetuneConfig, run_finetune
 from cytosyn.training.run import run_training
 
