@@ -303,11 +303,12 @@ def study_markdown(results: list[StudyResult], agg: dict[str, dict[str, Any]], p
             f"- codecs vs {role}: reference `{c['reference']}`, generated `{c['generated']}` ({steps})"
         )
     s = d["settings"]
-    out.append(
-        f"- bootstrap {s['n_boot']} replicates ({int((1 - s['alpha']) * 100)}% percentile CIs over generated tiles), "
-        f"PRDC k = {s['prdc_k']}, KID subsets {s['kid_subsets']} × {s['kid_subset_size']}, generated codec "
-        f"`{s['generated_codec_settings']['format']}`"
-    )
+    if "n_boot" in s:  # studies that compare generated tiles with references (not augment)
+        out.append(
+            f"- bootstrap {s['n_boot']} replicates ({int((1 - s['alpha']) * 100)}% percentile CIs over generated tiles), "
+            f"PRDC k = {s['prdc_k']}, KID subsets {s['kid_subsets']} × {s['kid_subset_size']}, generated codec "
+            f"`{s['generated_codec_settings']['format']}`"
+        )
     out.append("")
     out.append("| extractor | encoder | weights | resize | conditioning encoder? |")
     out.append("|---|---|---|---|---|")
