@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cytosyn.eval.run import EvalConfig, run_eval
+from cytosyn.eval.studies.augment import ProtocolError
 from PIL import Image
 
 from cytosyn.config import build_config
-from cytosyn.eval.run import EvalConfig, run_eval
-from cytosyn.eval.studies.augment import ProtocolError
 from cytosyn.manifest import SplitManifest, write_manifest
 from cytosyn.shardio import ShardWriter
 
@@ -151,7 +151,7 @@ def test_augment_study_refuses_leaking_or_synthetic_test_sets(sets, tmp_path):
 
 
 def test_augment_config_is_checked_before_work(sets, tmp_path):
-    with pytest.raises(ValueError, match="augment.train"):
+    with pytest.raises(ValueError, match=r"augment\.train"):
         build_config(EvalConfig, {"study": "augment", "extractors": ["vit-tiny16"], "augment": {"test": "x"}})
     with pytest.raises(ValueError, match="needs a generator"):
         build_config(EvalConfig, {"study": "domain", "extractors": ["vit-tiny16"]})
