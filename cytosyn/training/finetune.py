@@ -44,9 +44,6 @@ from cytosyn.adapters import (
 from cytosyn.config import (
     ConfigError,
     StrictModel,
-    config_differences,
-    config_hash,
-    load_config,
     write_resolved_config,
 )
 from cytosyn.fileio import code_version
@@ -65,7 +62,7 @@ from cytosyn.training.config import (
 from cytosyn.training.ema import EMA
 from cytosyn.training.fewshot import FewShotConfig, select_few_shot, write_few_shot_split
 from cytosyn.training.module import LatentDiffusionModule, TrainingDataError
-from cytosyn.training.run import TrainResult, fit_module
+from cytosyn.training.run import TrainResult, check_config_drift, fit_module
 
 log = logging.getLogger(__name__)
 
@@ -326,24 +323,10 @@ class FinetuneResult:
     few_shot: dict[str, Any]
 
 
-def _check_drift(cfg: FinetuneConfig, force: bool) -> None:
-    path = cfg.run_dir / FINETUNE_CONFIG_FILE
-    if not path.exists():
-        return
-    old = load_config(FinetuneConfig, path)
-    if config_hash(old.identity_settings()) == config_hash(cfg.identity_settings()):
-        return
-    diffs = config_differences(old.identity_settings(), cfg.identity_settings())
-    message = f"fine-tune folder {cfg.run_dir} was started with another config: " + "; ".join(diffs)
-    if not force:
-        raise ConfigError(message + " (resume with the original config, or pass --force)")
-    log.warning("%s — continuing because of --force", message)
-
-
 def run_finetune(cfg: FinetuneConfig, force: bool = False) -> FinetuneResult:
     """Fine-tune (or resume) in ``cfg.run_dir``; writes ``<run_dir>/adapter`` when the run finishes."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    _check_drift(cfg, force)
+    check_config_drift(cfg.run_dir / FINETUNE_CONFIG_FILE, cfg, force)
     base = load_base(cfg.base)
     features, member = base_features(base, cfg, cfg.data.train)
     selection = select_few_shot(cfg.data.train, cfg.few_shot, exclude=cfg.data.exclude)

@@ -281,15 +281,16 @@ class TrainResult:
     validation: dict[str, float]  # held-out and train-patient losses at the end (rank 0)
 
 
-def _check_config_drift(cfg: TrainConfig, force: bool) -> None:
-    path = cfg.run_dir / "config.yaml"
+def check_config_drift(path: Path, cfg: Any, force: bool) -> None:
+    """Refuse (unless ``force``) a config whose ``identity_settings()`` differ from the one saved at ``path``
+    when the run folder was started (training and fine-tuning configs both have that method)."""
     if not path.exists():
         return
-    old = load_config(TrainConfig, path)
+    old = load_config(type(cfg), path)
     if config_hash(old.identity_settings()) == config_hash(cfg.identity_settings()):
         return
     diffs = config_differences(old.identity_settings(), cfg.identity_settings())
-    message = f"run folder {cfg.run_dir} was started with another config: " + "; ".join(diffs)
+    message = f"run folder {path.parent} was started with another config: " + "; ".join(diffs)
     if not force:
         raise ConfigError(message + " (resume with the original config, or pass --force)")
     log.warning("%s — continuing because of --force", message)
@@ -298,7 +299,7 @@ def _check_config_drift(cfg: TrainConfig, force: bool) -> None:
 def run_training(cfg: TrainConfig, force: bool = False) -> TrainResult:
     """Train (or resume) the run in ``cfg.run_dir`` until ``trainer.max_steps`` or a preemption signal."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    _check_config_drift(cfg, force)
+    check_config_drift(cfg.run_dir / "config.yaml", cfg, force)
     if force or not (cfg.run_dir / "config.yaml").exists():
         write_resolved_config(cfg, cfg.run_dir / "config.yaml")
     train_manifest = read_manifest(cfg.data.train)
