@@ -117,7 +117,9 @@ def ft_config(base: dict[str, Path], run_dir: Path, **extra) -> FinetuneConfig:
         "trainer": {"max_steps": 4, "accelerator": "cpu", "log_every_n_steps": 1, "checkpoint_every_n_steps": 2},
     }  # fmt: skip
     for key, value in extra.items():
-        if isinstance(value, dict):
+        if value is None:
+            data.pop(key)
+        elif isinstance(value, dict):
             data.setdefault(key, {}).update(value)
         else:
             data[key] = value
@@ -219,6 +221,7 @@ def test_adapter_bad_inputs_are_refused(base, lora_run, tmp_path):
         CytoSynPipeline.from_pretrained(base["release"], device="cpu").load_adapter(tampered)
 
 
+@pytest.mark.slow
 def test_finetune_resumes_exactly(base, tmp_path):
     straight = run_finetune(ft_config(base, tmp_path / "a"))
     first = run_finetune(ft_config(base, tmp_path / "b", trainer={"max_steps": 2}))
@@ -248,6 +251,7 @@ def test_few_shot_selection_is_seeded_per_class_and_refuses_leaks(base, tmp_path
         select_few_shot(base["train"], FewShotConfig(classes=["necrosis"]))
 
 
+@pytest.mark.slow
 def test_labelled_sample_writes_labels_and_provenance(base, lora_run, tmp_path):
     from cytosyn.sample import SampleConfig, run_sample
 
@@ -270,3 +274,28 @@ def test_labelled_sample_writes_labels_and_provenance(base, lora_run, tmp_path):
         assert meta["generated"] and meta["adapter"]["few_shot"]["patients"] == ["P0", "P1", "P2"]
     assert labels == ["stroma"] * 3 + ["tumour"] * 3
     assert np.all(np.array(labels) != None)  # noqa: E711
+
+
+@pytest.mark.slow
+def test_full_finetune_on_embeddings_stores_every_weight_and_reloads(base, tmp_path):
+    result = run_finetune(
+        ft_config(
+            base,
+            tmp_path / "full",
+            conditioning="embedding",
+            method="full",
+            lora={},
+            trainer={"max_steps": 2},
+        )
+    )
+    config, tensors = read_adapter_folder(result.adapter)
+    assert config["kind"] == "full" and config["labels"] is None
+    assert all(k.startswith("model.") for k in tensors) and "model.blocks.0.attn.qkv.weight" in tensors
+    pipe = CytoSynPipeline.from_pretrained(base["release"], device="cpu")
+    before = pipe.model.blocks[0].attn.qkv.weight.clone()
+    pipe.load_adapter(result.adapter)
+    assert not torch.equal(before, pipe.model.blocks[0].attn.qkv.weight)  # the tuned weights are in
+    emb = torch.zeros(2, pipe.cond_dim)
+    assert pipe.generate(emb, sampler=FAST, seed=0).shape[0] == 2
+    with pytest.raises(Exception, match="not label-conditioned"):
+        pipe.generate(None, labels=["stroma"], sampler=FAST)
