@@ -229,6 +229,7 @@ def augment_study(
     probe_extractor: str | None,
     checks: dict[str, Any],
     progress: Any = None,
+    extractor_info: dict[str, Any] | None = None,
 ) -> list[StudyResult]:
     """Train and score every classifier for every N and seed; one `StudyResult` per seed (each also holds
     the aggregate over seeds, which the report and plot use)."""
@@ -282,19 +283,33 @@ def augment_study(
         for name, s in (("train", train), ("test", test), ("synthetic", synthetic))
         if s is not None
     }
+    adapter = (
+        next((m.get("adapter") for m in synthetic.metas if m.get("adapter")), None) if synthetic else None
+    )
+    generator = {
+        "name": (adapter or {}).get("name")
+        or (f"synthetic set {synthetic.name}" if synthetic else "none (real only)"),
+        "kind": "labelled synthetic set",
+        "source": str(synthetic.provenance.get("source")) if synthetic else None,
+        "adapter": adapter,
+        "protocol": {
+            "conditioning_encoder": "class labels (adapter)" if adapter else None,
+            "tile_px": (synthetic.provenance.get("image_size") or [None])[0] if synthetic else None,
+            "mpp": synthetic.provenance.get("mpp") if synthetic else None,
+        },
+    }
     results = []
     for entry in per_seed:
         results.append(
             StudyResult(
                 study="augment",
-                generator={"name": f"synthetic set {synthetic.name}" if synthetic else "none (real only)",
-                           "kind": "folder", "source": str(synthetic.provenance.get("source")) if synthetic else None},
+                generator=generator,
                 settings={"seed": entry["seed"], "seeds": seeds, "n_synthetic": ns, "classes": classes,
                           "augment": settings.model_dump(mode="json"), "probe_extractor": probe_extractor},
                 references={"train": train.provenance, "test": test.provenance}
                 | ({"synthetic": synthetic.provenance} if synthetic else {}),
                 generated=synthetic.provenance if synthetic else {},
-                extractors={},
+                extractors=extractor_info or {},
                 metrics={"scores": entry["scores"], "aggregate": aggregate, "protocol": checks, "counts": counts},
                 warnings=sorted(set(entry["notes"]) | set(checks.get("warnings", []))),
                 timings_s={"seconds": entry["seconds"]},
@@ -359,8 +374,18 @@ def _run(ctx: StudyContext) -> list[StudyResult]:
     paths = {"train": a.train, "test": a.test, "synthetic": a.synthetic}
     checks = check_protocol(train, test, synthetic, paths, a.allow_unverified_synthetic)  # type: ignore[arg-type]
     total = len(cfg.seeds) * len(set(a.n_synthetic)) * len(a.classifiers)
+    info = {
+        name: {
+            "encoder": ext.describe().get("name", name),
+            "metadata": ext.settings(tuple(test.provenance.get("image_size") or (224, 224))),
+            "is_conditioning_encoder": False,
+        }
+        for name, ext in exts.items()
+    }
     with tqdm(total=total, desc="augment", unit="fit") as bar:
-        return augment_study(train, test, synthetic, a, list(cfg.seeds), probe, checks, progress=bar)
+        return augment_study(
+            train, test, synthetic, a, list(cfg.seeds), probe, checks, progress=bar, extractor_info=info
+        )
 
 
 def _headline(result: StudyResult) -> dict[str, float]:
