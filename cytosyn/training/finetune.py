@@ -105,7 +105,6 @@ class FinetuneConfig(StrictModel):
     )
     logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig(wandb="disabled"))
     adapter_weights: Literal["ema", "raw"] = "ema"
-    vae_weights: Path | None = None  # local VAE folder of the base (only to check it; not loaded)
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:
