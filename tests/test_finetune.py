@@ -284,7 +284,7 @@ def test_full_finetune_on_embeddings_stores_every_weight_and_reloads(base, tmp_p
             tmp_path / "full",
             conditioning="embedding",
             method="full",
-            lora={},
+            lora=None,
             trainer={"max_steps": 2},
         )
     )
