@@ -130,6 +130,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_REQUEUE if result.status == "preempted" else EXIT_OK
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from cytosyn.training.fewshot import FewShotError
+    from cytosyn.training.finetune import FinetuneConfig, run_finetune
+    from cytosyn.training.module import TrainingDataError
+    from cytosyn.training.run import EXIT_REQUEUE
+
+    overrides = _overrides(args, {"base": "base", "data": "data.train", "run_dir": "run_dir"})
+    cfg = load_config(FinetuneConfig, args.config, overrides)
+    try:
+        result = run_finetune(cfg, force=args.force)
+    except (TrainingDataError, FewShotError) as err:
+        print(f"cytosyn finetune: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    t = result.train
+    print(
+        f"finetune {t.status}: step {t.global_step}, {result.few_shot['tiles']} few-shot tiles of "
+        f"{len(result.few_shot['label_names'])} classes; adapter {result.adapter or 'not written (unfinished)'}"
+    )
+    return EXIT_REQUEUE if t.status == "preempted" else EXIT_OK
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from cytosyn.pipeline import PipelineError
     from cytosyn.sample import SampleConfig, SampleError, run_sample
@@ -262,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="when every checkpoint of the run is damaged, move them aside and start again from step 0",
     )
     train.set_defaults(func=_cmd_train)
+
+    finetune = verbs.add_parser(
+        "finetune", help="few-shot LoRA / class-label fine-tune of a release → adapter folder"
+    )
+    _add_config_args(finetune)
+    finetune.add_argument("--base", type=Path, help="base release folder or checkpoint (base=...)")
+    finetune.add_argument("--data", type=Path, help="labelled featurized split (data.train=...)")
+    finetune.add_argument("--run-dir", dest="run_dir", type=Path, help="run folder (run_dir=...)")
+    finetune.add_argument(
+        "--force", action="store_true", help="resume even if the config differs from the run's"
+    )
+    finetune.set_defaults(func=_cmd_finetune)
 
     sample = verbs.add_parser("sample", help="generate a synthetic tile dataset from a checkpoint or release")
     _add_config_args(sample)

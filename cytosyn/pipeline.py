@@ -549,6 +549,7 @@ class CytoSynPipeline:
         self._vae_weights = vae_weights
         self._encoder = encoder
         self._encoder_weights = encoder_weights
+        self.adapter: dict[str, Any] | None = None  # what load_adapter applied (see cytosyn.adapters)
 
     def _build(self, state: Mapping[str, Tensor]) -> tuple[SiT, LatentNorm]:
         """The SiT and latent normalisation of ``config`` with ``state``'s weights (fresh copies)."""
@@ -651,6 +652,8 @@ class CytoSynPipeline:
     ) -> Path:
         """Write this pipeline as a release folder (the diffusers layout, config.json, README.md, SHA256SUMS);
         ``bundle_vae`` saves the autoencoder under ``vae/`` (a diffusers AutoencoderKL) instead of referencing it."""
+        if self.adapter is not None and not self.adapter.get("merged"):
+            raise PipelineError("an unmerged adapter is loaded: call merge_adapter() before save_pretrained")
         card = model_card or self.model_card
         if card is None:
             from cytosyn.release import render_model_card
@@ -666,6 +669,26 @@ class CytoSynPipeline:
                 f"({vae.spec.kind}) ships with cytosyn and is referenced by name instead"
             )
         return write_release_files(Path(folder), config, self.state_dict(), card, vae=vae)
+
+    # ---- adapters (few-shot fine-tunes, see cytosyn.adapters) ------------------------------------------
+
+    def load_adapter(self, folder: str | Path) -> dict[str, Any]:
+        """Apply an adapter folder (LoRA and/or class labels) to this base model; refuses another base."""
+        from cytosyn.adapters import load_adapter_into_pipeline
+
+        return load_adapter_into_pipeline(self, Path(folder))
+
+    def merge_adapter(self) -> int:
+        """Fold the loaded LoRA layers into the base weights (a plain SiT again); returns how many."""
+        from cytosyn.adapters import merge_pipeline_adapter
+
+        return merge_pipeline_adapter(self)
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names of a label-conditioned model, in index order (index len(names) is the null label)."""
+        labels = (self.adapter or {}).get("labels") or self.config.get("labels")
+        return list(labels["names"]) if labels else None
 
     # ---- identity ------------------------------------------------------------------------------------
 
@@ -802,9 +825,15 @@ class CytoSynPipeline:
         return torch.autocast(device_type=self.device.type, dtype=dt)
 
     def velocity(self, x_t: Tensor, t: Tensor, cond: Tensor | None, uncond_mask: Tensor) -> Tensor:
-        """The velocity function the samplers call (see :class:`cytosyn.sampling.VelocityFn`)."""
+        """The velocity function the samplers call (see :class:`cytosyn.sampling.VelocityFn`).
+
+        An integer ``cond`` holds class labels (label-conditioned models): the embedding condition is then
+        the null one and the label embedding carries the class (the null label where ``uncond_mask``)."""
         with self._autocast():
-            v = self.model(x_t, t, cond, uncond_mask=uncond_mask)
+            if cond is not None and not cond.is_floating_point():
+                v = self.model(x_t, t, None, uncond_mask=uncond_mask, labels=cond)
+            else:
+                v = self.model(x_t, t, cond, uncond_mask=uncond_mask)
         return v.float()
 
     def check_embeddings(self, embeddings: Tensor | np.ndarray) -> Tensor:
@@ -881,6 +910,7 @@ class CytoSynPipeline:
         index_offset: int = 0,
         output: str = "uint8",
         progress: Any = None,
+        labels: Sequence[str | int] | None = None,
     ) -> np.ndarray | Tensor:
         """Generate tiles: uint8 ``(N, tile_px, tile_px, 3)``.
 
@@ -894,11 +924,20 @@ class CytoSynPipeline:
           (``index_offset``) gives the same images as one call.
         - ``output="latent"`` returns the normalised latents (float32 tensor) instead of decoding.
         - ``progress``: an object with ``update(n)`` (e.g. a tqdm bar), called after each batch.
+        - ``labels``: class names (or indices) of a label-conditioned model (an adapter with labels), one
+          tile per label, ``embeddings`` None; a single label with ``num_images=k`` gives k tiles of it.
+          Unknown names are refused (see :func:`cytosyn.adapters.label_indices`).
         """
         if batch_size < 1:
             raise PipelineError(f"batch_size must be >= 1, got {batch_size}")
         if output not in ("uint8", "latent"):
             raise PipelineError(f"output must be 'uint8' or 'latent', got {output!r}")
+        if labels is not None:
+            cond_l = self._label_tensor(labels, embeddings, num_images)
+            return self._generate_batches(
+                cond_l, cond_l.shape[0], steps, guidance_scale, sampler, seed, batch_size, index_offset,
+                output, progress,
+            )  # fmt: skip
         if embeddings is None:
             if num_images is None or num_images < 1:
                 raise PipelineError("unconditional generation needs num_images >= 1 (embeddings is None)")
@@ -914,6 +953,46 @@ class CytoSynPipeline:
                     )
                 cond = cond.expand(int(num_images), -1)
             n = cond.shape[0]
+        return self._generate_batches(
+            cond, n, steps, guidance_scale, sampler, seed, batch_size, index_offset, output, progress
+        )
+
+    def _label_tensor(self, labels: Sequence[str | int], embeddings: Any, num_images: int | None) -> Tensor:
+        from cytosyn.adapters import label_indices
+
+        names = self.label_names
+        if names is None or self.model.label_embedder is None:
+            raise PipelineError(
+                "labels given, but this model is not label-conditioned (load a labelled adapter)"
+            )
+        if embeddings is not None:
+            raise PipelineError("pass either embeddings or labels, not both")
+        if isinstance(labels, (str, int)):
+            labels = [labels]
+        idx = label_indices(list(labels), names)
+        if not idx:
+            raise PipelineError("labels is empty")
+        if num_images is not None and num_images != len(idx):
+            if len(idx) != 1:
+                raise PipelineError(
+                    f"num_images={num_images} but {len(idx)} labels were given (one tile per label)"
+                )
+            idx = idx * int(num_images)
+        return torch.tensor(idx, dtype=torch.long, device=self.device)
+
+    def _generate_batches(
+        self,
+        cond: Tensor | None,
+        n: int,
+        steps: int | None,
+        guidance_scale: float | None,
+        sampler: Any,
+        seed: int,
+        batch_size: int,
+        index_offset: int,
+        output: str,
+        progress: Any,
+    ) -> np.ndarray | Tensor:
         cfg = self.resolve_sampler(sampler, cond is not None, steps=steps, guidance_scale=guidance_scale)
         outs: list[Any] = []
         for start in range(0, n, batch_size):

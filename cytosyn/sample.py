@@ -1,12 +1,16 @@
 """``cytosyn sample``: a synthetic dataset from a checkpoint or a release folder.
 
-Two modes:
+Three modes:
 
 - ``conditional`` (default): one generated tile per sample of a featurized split, conditioned on the
   split's stored embedding (``<encoder>.npy``, the model's conditioning member). Each generated sample's
   JSON records the reference key, split, shard and tile identity, and the sampler settings, so the
   evaluation can pair every generated tile with its reference.
 - ``unconditional``: ``num_images`` tiles from the null condition.
+- ``labelled``: ``per_class`` tiles of every class of a label-conditioned model (``adapter=`` a labelled
+  adapter folder from ``cytosyn finetune``, or a merged labelled release); each sample's JSON carries its
+  ``label`` (the tile contract's field) and the adapter's provenance (few-shot patients), so the
+  augmentation study can check that no test patient was used to make them.
 
 Output folder (the format of real split datasets, so the loader and the eval harness read it as is)::
 
@@ -99,8 +103,11 @@ class SamplerSettings(StrictModel):
 
 class SampleConfig(StrictModel):
     model: Path  # a release folder (verified against SHA256SUMS) or a training checkpoint / run folder
+    adapter: Path | None = None  # an adapter folder (cytosyn finetune) applied to the model
     output: Path = Path("samples")
-    mode: Literal["conditional", "unconditional"] = "conditional"
+    mode: Literal["conditional", "unconditional", "labelled"] = "conditional"
+    per_class: int = Field(default=16, ge=1)  # labelled mode: tiles per class
+    labels: list[str] | None = None  # labelled mode: these classes (default: every class of the adapter)
     split: Path | None = None  # featurized split whose embeddings condition the tiles (conditional mode)
     embedding_member: str | None = None  # default: the model's conditioning member (e.g. h0-mini.npy)
     max_references: int | None = Field(default=None, ge=1)  # the first N samples of the split
@@ -140,11 +147,15 @@ class SampleConfig(StrictModel):
             exclude={"part", "batch_size", "device", "progress", "grid_size", "vae_weights", "output"},
         )
         data.pop("split")  # the reference split is identified by its manifest's sha256, not its path
-        if self.mode == "unconditional":
+        data.pop("adapter")  # identified by its sha256 in the settings' inputs
+        if self.mode != "conditional":
             for key in ("embedding_member", "max_references"):
                 data.pop(key)
-        else:
+        if self.mode != "unconditional":
             data.pop("num_images")
+        if self.mode != "labelled":
+            data.pop("per_class")
+            data.pop("labels")
         return data
 
 
@@ -347,8 +358,21 @@ def run_sample(cfg: SampleConfig) -> SampleSummary:
     t0 = time.perf_counter()
     summary = SampleSummary(output=output)
     pipe = load_pipeline(cfg.model, vae_weights=cfg.vae_weights, device=cfg.device, dtype=cfg.precision)
-    conditional = cfg.mode == "conditional"
-    if conditional and pipe.cond_dim is None:
+    if cfg.adapter is not None:
+        pipe.load_adapter(cfg.adapter)
+    labels: list[str] = []
+    if cfg.mode == "labelled":
+        names = pipe.label_names
+        if names is None:
+            raise SampleError(
+                f"mode 'labelled' needs a label-conditioned model (adapter=...): {cfg.model} has no labels"
+            )
+        unknown = [x for x in cfg.labels or [] if x not in names]
+        if unknown:
+            raise SampleError(f"labels {unknown} are not classes of the model; it knows {names}")
+        labels = [name for name in (cfg.labels or names) for _ in range(cfg.per_class)]
+    conditional = cfg.mode in ("conditional", "labelled")
+    if cfg.mode == "conditional" and pipe.cond_dim is None:
         raise SampleError(f"model {cfg.model} is unconditional; use mode=unconditional")
     s = cfg.sampler
     sampler_cfg = pipe.resolve_sampler(
@@ -362,7 +386,7 @@ def run_sample(cfg: SampleConfig) -> SampleSummary:
     inputs: dict[str, Any] = {
         "model": {"path": str(cfg.model), "name": pipe.name, "weights_sha256": pipe.weights_sha256}
     }
-    if conditional:
+    if cfg.mode == "conditional":
         assert cfg.split is not None
         try:
             manifest_in = read_manifest(cfg.split)
@@ -377,14 +401,27 @@ def run_sample(cfg: SampleConfig) -> SampleSummary:
             "manifest_sha256": sha256_file(Path(cfg.split) / "manifest.json"),
             "member": member,
         }
+    elif cfg.mode == "labelled":
+        total = len(labels)
     else:
         total = cfg.num_images
+    if pipe.adapter is not None:
+        inputs["adapter"] = {
+            "path": str(cfg.adapter),
+            **{k: pipe.adapter.get(k) for k in ("name", "kind", "sha256", "base_weights_sha256", "labels")},
+            "few_shot": {
+                k: (pipe.adapter.get("few_shot") or {}).get(k)
+                for k in ("patients", "slides", "tiles", "source")
+            },
+        }
     settings = cfg.content_settings() | {
         "resolved_sampler": sampler_cfg.model_dump(mode="json"),
         "precision": pipe._precision_name(),
         "inputs": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in inputs.items()},
     }
     settings.pop("model", None)
+    if labels:
+        settings["label_names"] = list(dict.fromkeys(labels))
     settings_hash = config_hash(settings)
     _check_settings(output, settings, settings_hash)
     write_resolved_config(cfg, output / "config.yaml")
@@ -406,7 +443,17 @@ def run_sample(cfg: SampleConfig) -> SampleSummary:
         name = shard_name(cfg.name, j)
         t_shard = time.perf_counter()
         refs = reader.read(start, stop) if reader is not None else []
-        if reader is not None:
+        if labels:
+            images = pipe.generate(
+                None,
+                labels=labels[start:stop],
+                sampler=sampler_cfg,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                index_offset=start,
+                progress=bar,
+            )
+        elif reader is not None:
             emb = np.stack([r.embedding for r in refs])
             images = pipe.generate(
                 emb,
@@ -457,6 +504,11 @@ def run_sample(cfg: SampleConfig) -> SampleSummary:
                         "member": reader.member if reader else None,
                         **r.meta,
                     }
+                elif labels:
+                    key = f"{labels[i]}_{i:09d}"
+                    meta["label"] = labels[i]
+                    meta["reference_key"] = None
+                    meta["adapter"] = inputs.get("adapter")
                 else:
                     key = f"uncond_{i:09d}"
                     meta["reference_key"] = None
@@ -510,6 +562,9 @@ def _finish_if_complete(
         return False
     shards = [s["shard"] for s in states]  # type: ignore[index]
     stats: dict[str, Any] = {"generated": True, "mode": cfg.mode, "tiles": sum(s["count"] for s in shards)}
+    if cfg.mode == "labelled":
+        stats["tiles_per_label"] = {name: cfg.per_class for name in settings.get("label_names", [])}
+        stats["adapter"] = inputs.get("adapter")
     if manifest_in is not None:
         ref_stats = manifest_in.stats if isinstance(manifest_in.stats, dict) else {}
         stats["reference"] = {

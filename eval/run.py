@@ -26,7 +26,7 @@ from .figures import has_random_weights, render_image_grid
 from .harness import HarnessOptions, StudyResult
 from .images import ImageSet
 from .report import _jsonable, fmt, write_report
-from .studies import StudyContext, SweepConfig, get_study
+from .studies import AugmentConfig, StudyContext, SweepConfig, get_study
 
 __all__ = [
     "CytoSynGeneratorConfig",
@@ -89,8 +89,8 @@ class ReferencesConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    study: Literal["overfitting", "domain", "sweep"] = "overfitting"
-    generator: GeneratorConfig
+    study: Literal["overfitting", "domain", "sweep", "augment"] = "overfitting"
+    generator: GeneratorConfig | None = None  # every study but augment (which reads labelled sets) needs one
     references: ReferencesConfig = ReferencesConfig()
     extractors: list[str | dict[str, Any]] = Field(
         min_length=1
@@ -101,6 +101,7 @@ class EvalConfig(StrictModel):
     seeds: list[int] = Field(default=[0], min_length=1)
     generated_codec: str | dict[str, Any] = "lossless"  # e.g. {jpeg: 90} to match a JPEG-stored reference
     sweep: SweepConfig = SweepConfig()
+    augment: AugmentConfig = AugmentConfig()
     n_boot: int = Field(default=200, ge=2)
     prdc_k: int = Field(default=5, ge=1)
     kid_subset_size: int = Field(default=1000, ge=2)
@@ -116,6 +117,8 @@ class EvalConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
+        if self.generator is None and self.study != "augment":
+            raise ValueError(f"the {self.study} study needs a generator")
         get_study(self.study).check_config(self)  # the study's own rules (e.g. which references it needs)
         if self.references.others and self.study != "domain":
             raise ValueError("references.others is used by the domain study only")
@@ -182,7 +185,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     device = _device(cfg.device)
     exts = build_extractors(cfg.extractors)
     gen_spec = cfg.generator
-    generator = build_generator(gen_spec, device, limit=cfg.n)
+    generator = build_generator(gen_spec, device, limit=cfg.n) if gen_spec is not None else None
     opts = HarnessOptions(
         n_boot=cfg.n_boot,
         prdc_k=cfg.prdc_k,
@@ -353,11 +356,12 @@ def study_markdown(results: list[StudyResult], agg: dict[str, dict[str, Any]], p
             f"- codecs vs {role}: reference `{c['reference']}`, generated `{c['generated']}` ({steps})"
         )
     s = d["settings"]
-    out.append(
-        f"- bootstrap {s['n_boot']} replicates ({int((1 - s['alpha']) * 100)}% percentile CIs over generated tiles), "
-        f"PRDC k = {s['prdc_k']}, KID subsets {s['kid_subsets']} × {s['kid_subset_size']}, generated codec "
-        f"`{s['generated_codec_settings']['format']}`"
-    )
+    if "n_boot" in s:  # studies that compare generated tiles with references (not augment)
+        out.append(
+            f"- bootstrap {s['n_boot']} replicates ({int((1 - s['alpha']) * 100)}% percentile CIs over generated tiles), "
+            f"PRDC k = {s['prdc_k']}, KID subsets {s['kid_subsets']} × {s['kid_subset_size']}, generated codec "
+            f"`{s['generated_codec_settings']['format']}`"
+        )
     out.append("")
     out.append("| extractor | encoder | weights | resize | conditioning encoder? |")
     out.append("|---|---|---|---|---|")

@@ -94,6 +94,9 @@ class SiTConfig(StrictModel):
     mlp_ratio: float = Field(4.0, gt=0)
     cond_dim: int | None = Field(768, ge=1, description="conditioning embedding width; None: unconditional")
     cond_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    num_classes: int | None = Field(
+        None, ge=1, description="class labels (label_embedder, index num_classes = null); None: no labels"
+    )
     repa_depth: int = Field(8, ge=1, description="REPA tokens are taken after this block (1-based)")
     repa_dim: int | None = Field(768, ge=1, description="encoder token width; None disables REPA")
     repa_hidden: int = Field(2048, ge=1)
@@ -325,6 +328,35 @@ class ConditionEmbedder(nn.Module):
         return self.mlp(inp)
 
 
+class LabelEmbedder(nn.Module):
+    """A learned vector per class label, added to the adaLN conditioning (few-shot class-conditional tuning).
+
+    Label ``i`` (0-based, in the order of the adapter's ``label_names``) selects row ``i`` of ``table``;
+    row ``num_classes`` is the **null label** (used where ``uncond_mask`` is set: classifier-free guidance
+    and unconditional sampling). Every row starts at zero, so adding the embedder to a trained model
+    changes nothing until it is trained: a fresh class-conditional fine-tune starts from the base model.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, hidden_size)
+        nn.init.zeros_(self.table.weight)
+
+    @property
+    def null_index(self) -> int:
+        return self.num_classes
+
+    def forward(self, labels: Tensor, drop: Tensor) -> Tensor:
+        """``labels`` ``(B,)`` integer class indices; ``drop`` ``(B,)`` bool, True → the null label."""
+        labels = torch.as_tensor(labels, device=drop.device)
+        if labels.shape != drop.shape or labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be integer class indices of shape {tuple(drop.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must be in [0, {self.num_classes}), got {labels.tolist()}")
+        return self.table(torch.where(drop, torch.full_like(labels, self.null_index), labels.long()))
+
+
 class SiTBlock(nn.Module):
     def __init__(self, cfg: SiTConfig):
         super().__init__()
@@ -382,6 +414,7 @@ class SiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, time_scale=cfg.time_scale)
         self.cond_embedder = ConditionEmbedder(cfg.cond_dim, d) if cfg.cond_dim is not None else None
+        self.label_embedder = LabelEmbedder(cfg.num_classes, d) if cfg.num_classes is not None else None
         self.register_buffer("pos_embed", torch.zeros(1, cfg.num_tokens, d), persistent=True)
         self.blocks = nn.ModuleList([SiTBlock(cfg) for _ in range(cfg.depth)])
         self.projectors = nn.ModuleList(
@@ -430,6 +463,17 @@ class SiT(nn.Module):
         )
 
     # ---- helpers -------------------------------------------------------------------------------------
+
+    def add_label_embedder(self, num_classes: int) -> LabelEmbedder:
+        """Give a trained model class labels (zero-initialised rows: the model's output is unchanged)."""
+        if self.label_embedder is not None:
+            raise ValueError(
+                f"this SiT already has a label embedder ({self.label_embedder.num_classes} classes)"
+            )
+        self.cfg = SiTConfig.model_validate({**self.cfg.model_dump(), "num_classes": num_classes})
+        ref = self.pos_embed
+        self.label_embedder = LabelEmbedder(num_classes, self.cfg.hidden_size).to(ref.device)
+        return self.label_embedder
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass (saves memory, costs ~1 extra forward)."""
@@ -482,6 +526,7 @@ class SiT(nn.Module):
         uncond_mask: Tensor | None = None,
         return_repa: bool = False,
         generator: torch.Generator | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Velocity prediction.
 
@@ -489,7 +534,8 @@ class SiT(nn.Module):
         positional embedding is recomputed when the grid differs from ``input_size``); ``t`` ``(B,)`` or a
         scalar in [0, 1]; ``cond`` ``(B, cond_dim)`` or None (unconditional: the null embedding for all);
         ``uncond_mask`` ``(B,)`` bool, True → null embedding for that sample (CFG); ``generator`` for the
-        training-time condition dropout. Returns ``v`` ``(B, C, H, W)`` (the velocity channels only, when
+        training-time condition dropout; ``labels`` ``(B,)`` class indices for a model with ``num_classes``
+        (the null label where ``uncond_mask`` is set or the condition is dropped; all null when None). Returns ``v`` ``(B, C, H, W)`` (the velocity channels only, when
         ``learn_sigma``), or ``(v, repa_tokens)`` with ``repa_tokens`` ``(B, (H/p)·(W/p), repa_dim)``.
         """
         if x_t.ndim != 4 or x_t.shape[1] != self.cfg.in_channels:
@@ -509,9 +555,16 @@ class SiT(nn.Module):
 
         x = self.x_embedder(x_t) + self.pos_embed_for(gh, gw).to(x_t.dtype)
         c = self.t_embedder(t)
-        if self.cond_embedder is not None:
+        if self.cond_embedder is not None or self.label_embedder is not None:
             drop = self.cond_drop_mask(b, x_t.device, uncond_mask, generator)
-            c = c + self.cond_embedder(cond, drop)
+            if self.cond_embedder is not None:
+                c = c + self.cond_embedder(cond, drop)
+            if self.label_embedder is not None:
+                if labels is None:
+                    labels, drop = torch.zeros(b, dtype=torch.long, device=x_t.device), torch.ones_like(drop)
+                c = c + self.label_embedder(labels, drop)
+        elif labels is not None:
+            raise ValueError("labels given, but this model has no label embedder (num_classes is None)")
 
         repa_tokens = None
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()

@@ -188,11 +188,21 @@ class LatentDiffusionModule(L.LightningModule):
 
     # ---- data ------------------------------------------------------------------------------------------
 
-    def train_dataloader(self):
+    def loader_members(self) -> list[str]:
+        """The sample members a training batch needs (a fine-tune adds ``json`` for labels)."""
         cfg = self.cfg
         members = [f"{cfg.data.condition}.npy", "vae.npy"]
         if cfg.data.repa_target and cfg.repa.weight > 0:
             members.append(f"{cfg.data.repa_target}.npy")
+        return members
+
+    def condition_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The model's conditioning arguments for a batch: the stored embedding (a fine-tune may use labels)."""
+        return {"cond": batch[self.cfg.data.condition].to(self.device, torch.float32)}
+
+    def train_dataloader(self):
+        cfg = self.cfg
+        members = self.loader_members()
         loader_cfg = LoaderConfig(
             batch_size=cfg.data.batch_size,
             num_workers=cfg.data.num_workers,
@@ -292,14 +302,14 @@ class LatentDiffusionModule(L.LightningModule):
         shape = tuple(moments.shape[2:])
         t, noise, eps, drop = self._randomness(keys, shape)
         x0 = self._latents(moments, eps)
-        cond = batch[self.cfg.data.condition].to(self.device, torch.float32)
+        cond = self.condition_inputs(batch)
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
         target_tokens = self._repa_targets(batch, model.cfg.grid_size)
         if target_tokens is not None:
-            v, tokens = model(x_t, t, cond, uncond_mask=drop, return_repa=True)
+            v, tokens = model(x_t, t, **cond, uncond_mask=drop, return_repa=True)
             loss_repa = repa_loss(tokens, target_tokens)
         else:
-            v = model(x_t, t, cond, uncond_mask=drop)
+            v = model(x_t, t, **cond, uncond_mask=drop)
             loss_repa = torch.zeros((), device=self.device)
         loss_diff = (v.float() - (noise - x0)).square().mean()
         return loss_diff + self.cfg.repa.weight * loss_repa, loss_diff, loss_repa

@@ -55,6 +55,8 @@ from cytosyn.training.module import LatentDiffusionModule, TrainingDataError, sp
 from cytosyn.training.strategies import Execution, build_strategy, configure_backends, resolve_execution
 
 log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"  # the resolved config of a run folder, written once its start succeeded
 # cytosyn checkpoints after the optimizer step on purpose (the state a resume continues from).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -153,16 +155,18 @@ class TrainResult:
     validation: dict[str, float]  # held-out and train-patient losses at the end (rank 0)
 
 
-def _check_config_drift(cfg: TrainConfig, force: bool) -> bool:
-    """Refuse a config that differs from the run's (unless ``force``); True when config.yaml must be written."""
-    path = cfg.run_dir / "config.yaml"
+def check_config_drift(path: Path, cfg: Any, force: bool) -> bool:
+    """Refuse (unless ``force``) a config whose ``identity_settings()`` differ from the one saved at ``path``
+    when the run folder was started (training and fine-tuning configs both have that method).
+
+    True when the config file must be written: a new run, or a change accepted with ``force``."""
     if not path.exists():
         return True
-    old = load_config(TrainConfig, path)
+    old = load_config(type(cfg), path)
     if config_hash(old.identity_settings()) == config_hash(cfg.identity_settings()):
         return False
     diffs = config_differences(old.identity_settings(), cfg.identity_settings())
-    message = f"run folder {cfg.run_dir} was started with another config: " + "; ".join(diffs)
+    message = f"run folder {path.parent} was started with another config: " + "; ".join(diffs)
     if not force:
         raise ConfigError(message + " (resume with the original config, or pass --force)")
     log.warning(
@@ -175,7 +179,7 @@ def _config_writer(cfg: TrainConfig):
     """Write config.yaml (keeping a replaced one as config.<UTC time>.yaml): called once the start succeeded."""
 
     def write() -> None:
-        path = cfg.run_dir / "config.yaml"
+        path = cfg.run_dir / CONFIG_FILE
         if path.exists():
             os.replace(path, path.with_name(f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.yaml"))
         write_resolved_config(cfg, path)
@@ -239,15 +243,31 @@ def run_training(cfg: TrainConfig, force: bool = False, restart: bool = False) -
     ``force``: resume although the config differs from the run's. ``restart``: when every checkpoint is
     damaged, move them aside and start again from step 0 (otherwise that refuses to start).
     """
-    execution = resolve_execution(cfg)  # impossible strategy/precision/device combinations: refused now
+    resolve_execution(cfg)  # impossible strategy/precision/device combinations: refused before any work
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     _check_writable(cfg.run_dir)
-    write_config = _check_config_drift(cfg, force)
+    write_config = check_config_drift(cfg.run_dir / CONFIG_FILE, cfg, force)
     features = _features(cfg)
-    resume = _resume_point(cfg, restart)
-    configure_backends(execution, cfg.trainer.tf32)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # model initialisation
     module = LatentDiffusionModule(cfg, features)
+    return fit_module(cfg, module, force, restart=restart, write_config=write_config)
+
+
+def fit_module(
+    cfg: TrainConfig,
+    module: LatentDiffusionModule,
+    force: bool = False,
+    *,
+    restart: bool = False,
+    write_config: bool = False,
+) -> TrainResult:
+    """Fit ``module`` in ``cfg.run_dir`` with training's trainer, callbacks (progress file, preemption and
+    requeue, appending CSV log) and resume from the newest intact checkpoint. ``cytosyn train`` and
+    ``cytosyn finetune`` both end here. ``write_config``: write config.yaml once the start succeeded."""
+    execution = resolve_execution(cfg)
+    _check_writable(cfg.run_dir)
+    resume = _resume_point(cfg, restart)
+    configure_backends(execution, cfg.trainer.tf32)
     module.force_resume = force
     if cfg.trainer.compile:
         module.net["model"].compile()

@@ -9,6 +9,8 @@ and is reported through ``write_report(jpeg_study=...)``; it has no ``STUDY`` re
 
 from __future__ import annotations
 
+from .augment import STUDY as _AUGMENT
+from .augment import AugmentConfig, augment_study, check_protocol
 from .base import Study, StudyContext
 from .domain import STUDY as _DOMAIN
 from .domain import domain_study
@@ -21,10 +23,13 @@ from .sweep import SweepConfig, sweep_study
 __all__ = [
     "DEFAULT_QUALITIES",
     "STUDIES",
+    "AugmentConfig",
     "JpegStudyResult",
     "Study",
     "StudyContext",
     "SweepConfig",
+    "augment_study",
+    "check_protocol",
     "domain_study",
     "get_study",
     "jpeg_study",
@@ -36,7 +41,7 @@ __all__ = [
 ]
 
 #: ``EvalConfig.study`` name → the study's hooks (the config's ``study`` Literal lists the same names).
-STUDIES: dict[str, Study] = {s.name: s for s in (_OVERFITTING, _DOMAIN, _SWEEP)}
+STUDIES: dict[str, Study] = {s.name: s for s in (_OVERFITTING, _DOMAIN, _SWEEP, _AUGMENT)}
 
 
 def get_study(name: str) -> Study:
