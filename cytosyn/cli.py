@@ -142,6 +142,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from cytosyn.pipeline import PipelineError
+    from cytosyn.scoring.run import ScoreConfig, run_score
+
+    overrides = _overrides(args, {"model": "model", "input": "input", "output": "output", "part": "part"})
+    cfg = load_config(ScoreConfig, args.config, overrides)
+    try:
+        summary = run_score(cfg)
+    except PipelineError as err:
+        print(f"cytosyn score: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    print(summary.report())
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cytosyn.demo import run_demo
 
@@ -215,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ev)
     ev.add_argument("--output", type=Path, help="report folder (shorthand for output=...)")
     ev.set_defaults(func=_cmd_eval)
+
+    score = verbs.add_parser(
+        "score", help="per-tile denoising errors: generative classification, anomaly and out-of-domain scores"
+    )
+    _add_config_args(score)
+    score.add_argument("--model", type=Path, help="release folder or training checkpoint / run folder (model=...)")
+    score.add_argument("--input", type=Path, help="split folder or image folder to score (input=...)")
+    score.add_argument("--output", type=Path, help="output folder (output=...)")
+    score.add_argument("--part", help="i/N: score input shards i, i+N, ... (one process per GPU)")
+    score.set_defaults(func=_cmd_score)
 
     from cytosyn.launch.launch import add_launch_arguments, cmd_launch, cmd_status
 
