@@ -351,3 +351,34 @@ def test_classification_metrics_and_auc():
     assert auc["estimate"] == pytest.approx(8 / 9)
     with pytest.raises(ScoringError):
         auc_with_ci(np.array([0.1]), np.array([]))
+
+
+def test_vectorised_bootstrap_metrics_equal_scikit_learn():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    from cytosyn.scoring.metrics import _confusion_metrics
+
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 4, (30, 25))
+    p = np.where(rng.random((30, 25)) < 0.5, t, rng.integers(0, 5, (30, 25)))
+    got = _confusion_metrics(t, p, 5)
+    for r in range(30):
+        present = sorted(set(t[r].tolist()))
+        assert got["accuracy"][r] == pytest.approx(accuracy_score(t[r], p[r]))
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("ignore")
+            assert got["balanced_accuracy"][r] == pytest.approx(balanced_accuracy_score(t[r], p[r]))
+        assert got["macro_f1"][r] == pytest.approx(f1_score(t[r], p[r], labels=present, average="macro", zero_division=0))
+
+
+def test_rank_auc_equals_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    from cytosyn.scoring.metrics import _rank_auc
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 6, (20, 9)).astype(float)  # ties on purpose
+    b = rng.integers(1, 7, (20, 5)).astype(float)
+    got = _rank_auc(a, b)
+    for r in range(20):
+        assert got[r] == pytest.approx(roc_auc_score(np.r_[np.zeros(9), np.ones(5)], np.r_[a[r], b[r]]))

@@ -47,26 +47,54 @@ def classification_metrics(
     if yt.size < 2:
         raise ScoringError(f"classification metrics need at least 2 labelled tiles, got {yt.size}")
     labs = list(labels) if labels is not None else sorted({*yt.tolist(), *yp.tolist()})
-    fns = {
-        "accuracy": lambda a, b: accuracy_score(a, b),
-        "balanced_accuracy": lambda a, b: balanced_accuracy_score(a, b),
-        "macro_f1": lambda a, b: f1_score(a, b, labels=sorted(set(a.tolist())), average="macro", zero_division=0),
-    }
+    every = sorted({*labs, *yt.tolist(), *yp.tolist()}, key=str)
+    code = {lab: i for i, lab in enumerate(every)}
+    t_idx = np.array([code[v] for v in yt])
+    p_idx = np.array([code[v] for v in yp])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        point = {
+            "accuracy": float(accuracy_score(yt, yp)),
+            "balanced_accuracy": float(balanced_accuracy_score(yt, yp)),
+            "macro_f1": float(f1_score(yt, yp, labels=sorted(set(yt.tolist()), key=str), average="macro", zero_division=0)),
+        }
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, yt.size, size=(n_boot, yt.size))
-    out: dict[str, Any] = {}
-    with warnings.catch_warnings():  # a replicate may miss a class: sklearn warns, the value stays defined
-        warnings.simplefilter("ignore")
-        for name, fn in fns.items():
-            est = float(fn(yt, yp))
-            reps = np.array([fn(yt[i], yp[i]) for i in idx], dtype=np.float64)
-            out[name] = _ci(est, reps, alpha)
+    reps = _confusion_metrics(t_idx[idx], p_idx[idx], len(every))
+    out: dict[str, Any] = {name: _ci(point[name], reps[name], alpha) for name in point}
     out["n"] = int(yt.size)
     out["chance_balanced_accuracy"] = 1.0 / max(1, len(set(yt.tolist())))
     out["labels"] = labs
     out["confusion"] = confusion_matrix(yt, yp, labels=labs).tolist()  # rows: true, columns: predicted
     out["bootstrap"] = {"replicates": n_boot, "alpha": alpha, "seed": seed, "unit": "tile"}
     return out
+
+
+def _confusion_metrics(t: np.ndarray, p: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy and macro-F1 of each row of ``(R, n)`` true/predicted class codes.
+
+    Vectorised over bootstrap replicates (one confusion matrix per row by ``bincount``): scikit-learn's
+    functions cost milliseconds per call, i.e. seconds for a thousand replicates of three metrics. The
+    definitions are scikit-learn's (balanced accuracy = mean recall over the classes present; macro-F1
+    over the classes present in the truth, F1 = 0 where undefined); a test checks both agree.
+    """
+    r = t.shape[0]
+    flat = (np.arange(r)[:, None] * k * k + t * k + p).reshape(-1)
+    cm = np.bincount(flat, minlength=r * k * k).reshape(r, k, k).astype(np.float64)
+    tp = np.einsum("rii->ri", cm)
+    support = cm.sum(axis=2)
+    predicted = cm.sum(axis=1)
+    present = support > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(present, tp / support, 0.0)
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    n_present = present.sum(axis=1)
+    return {
+        "accuracy": tp.sum(axis=1) / t.shape[1],
+        "balanced_accuracy": (recall * present).sum(axis=1) / n_present,
+        "macro_f1": (f1 * present).sum(axis=1) / n_present,
+    }
 
 
 def auc_with_ci(
@@ -83,10 +111,20 @@ def auc_with_ci(
     y = np.r_[np.zeros(a.size), np.ones(b.size)]
     est = float(roc_auc_score(y, np.r_[a, b]))
     rng = np.random.default_rng(seed)
-    reps = np.empty(n_boot)
-    for r in range(n_boot):
-        reps[r] = roc_auc_score(y, np.r_[a[rng.integers(0, a.size, a.size)], b[rng.integers(0, b.size, b.size)]])
+    ra = a[rng.integers(0, a.size, (n_boot, a.size))]
+    rb = b[rng.integers(0, b.size, (n_boot, b.size))]
+    reps = _rank_auc(ra, rb)
     return _ci(est, reps, alpha) | {"n_in": int(a.size), "n_out": int(b.size), "bootstrap": n_boot}
+
+
+def _rank_auc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row (Mann–Whitney: mean rank of the positives, ties averaged), vectorised over
+    bootstrap replicates; equal to scikit-learn's ``roc_auc_score`` (checked in the tests)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([a, b], axis=1), method="average", axis=1)
+    n_a, n_b = a.shape[1], b.shape[1]
+    return (ranks[:, n_a:].sum(axis=1) - n_b * (n_b + 1) / 2) / (n_a * n_b)
 
 
 def linear_probe(

@@ -549,7 +549,7 @@ def write_figures(
             "least anomalous": [(images[scores.keys[i]], caption(i)) for i in bottom if scores.keys[i] in images],
         }
         figures["anomalous_tiles"] = plot_tile_rows(
-            rows, output / "anomalous_tiles.png", title=f"score: {primary} ({ANOMALY_SCORES[primary]})"
+            rows, output / "anomalous_tiles.png", title=f"anomaly score: {primary} (larger = more anomalous)"
         ).name
     if maps_for:
         figures["maps"] = write_maps(pipe, plan, scores, maps_for, images, output / "maps", source)
@@ -569,16 +569,16 @@ def write_maps(
     keys = [scores.keys[i] for i in idx if scores.keys[i] in images]
     if not keys:
         return []
-    batch = encode_batch(pipe, TileBatch(keys, [None] * len(keys), [{}] * len(keys), [images[k] for k in keys]), False)
-    if source.featurized:  # score with the stored latents, exactly as the errors were measured
-        stored = {}
+    if source.featurized:  # the stored latents, exactly as the errors were measured
+        stored: dict[str, np.ndarray] = {}
         for unit in source.units:
             b = unit.read(False)
-            for j, k in enumerate(b.keys):
-                if k in images and b.latents is not None:
-                    stored[k] = b.latents[j]
-        batch.latents = np.stack([stored[k] for k in keys])
-    maps = error_maps(pipe, batch.latents, keys, classes, plan.engine, plan.weights.weights)  # type: ignore[arg-type]
+            stored |= {k: b.latents[j] for j, k in enumerate(b.keys) if k in images and b.latents is not None}
+        latents = np.stack([stored[k] for k in keys])
+    else:
+        batch = TileBatch(keys, [None] * len(keys), [{}] * len(keys), [images[k] for k in keys])
+        latents = encode_batch(pipe, batch, need_own=False).latents
+    maps = error_maps(pipe, latents, keys, classes, plan.engine, plan.weights.weights)  # type: ignore[arg-type]
     written = []
     for j, key in enumerate(keys):
         i = scores.keys.index(key)
