@@ -235,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         "score", help="per-tile denoising errors: generative classification, anomaly and out-of-domain scores"
     )
     _add_config_args(score)
-    score.add_argument("--model", type=Path, help="release folder or training checkpoint / run folder (model=...)")
+    score.add_argument(
+        "--model", type=Path, help="release folder or training checkpoint / run folder (model=...)"
+    )
     score.add_argument("--input", type=Path, help="split folder or image folder to score (input=...)")
     score.add_argument("--output", type=Path, help="output folder (output=...)")
     score.add_argument("--part", help="i/N: score input shards i, i+N, ... (one process per GPU)")

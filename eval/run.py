@@ -1,6 +1,6 @@
 """``cytosyn eval``: one config → one report folder (metrics.json, report.md, plots, resolved config).
 
-`EvalConfig` names the study (``overfitting``, ``domain`` or ``sweep``: the modules of
+`EvalConfig` names the study (``overfitting``, ``domain``, ``sweep`` or ``scoring``: the modules of
 `cytosyn.eval.studies`, registered in ``STUDIES``), the generator — cytosyn's own
 release folder or training checkpoint, a PixCell diffusers folder, or a folder of already generated
 tiles — the reference splits, the extractors, the number of tiles, the seeds and the output folder.
@@ -26,7 +26,7 @@ from .figures import render_image_grid
 from .harness import HarnessOptions, StudyResult
 from .images import ImageSet
 from .report import _jsonable, fmt, write_report
-from .studies import StudyContext, SweepConfig, get_study
+from .studies import ScoringStudyConfig, StudyContext, SweepConfig, get_study
 
 __all__ = [
     "CytoSynGeneratorConfig",
@@ -84,12 +84,12 @@ class ReferencesConfig(StrictModel):
     heldout: Path | None = None  # split folder (manifest.json), image folder or .tar: held-out patients
     train: Path | None = None  # training patients (overfitting study)
     reference: Path | None = None  # domain / sweep reference (default: heldout)
-    others: dict[str, Path] = {}  # domain study: other real sets to compare with (name → path)
+    others: dict[str, Path] = {}  # domain / scoring studies: other real sets (name → path), e.g. new domains
     mpp: float | None = Field(default=None, gt=0)  # for image folders without tile JSON
 
 
 class EvalConfig(StrictModel):
-    study: Literal["overfitting", "domain", "sweep"] = "overfitting"
+    study: Literal["overfitting", "domain", "sweep", "scoring"] = "overfitting"
     generator: GeneratorConfig
     references: ReferencesConfig = ReferencesConfig()
     extractors: list[str | dict[str, Any]] = Field(
@@ -101,6 +101,7 @@ class EvalConfig(StrictModel):
     seeds: list[int] = Field(default=[0], min_length=1)
     generated_codec: str | dict[str, Any] = "lossless"  # e.g. {jpeg: 90} to match a JPEG-stored reference
     sweep: SweepConfig = SweepConfig()
+    scoring: ScoringStudyConfig = ScoringStudyConfig()  # the scoring study (generative scores)
     n_boot: int = Field(default=200, ge=2)
     prdc_k: int = Field(default=5, ge=1)
     kid_subset_size: int = Field(default=1000, ge=2)
@@ -116,8 +117,8 @@ class EvalConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
         get_study(self.study).check_config(self)  # the study's own rules (e.g. which references it needs)
-        if self.references.others and self.study != "domain":
-            raise ValueError("references.others is used by the domain study only")
+        if self.references.others and self.study not in ("domain", "scoring"):
+            raise ValueError("references.others is used by the domain and scoring studies only")
         return self
 
 

@@ -19,9 +19,14 @@ from cytosyn.shardio import ShardWriter
 ENCODER = "test-encoder"
 
 
-def random_pipeline(cond_dim: int | None = 16, seed: int = 0, size: int = 8, channels: int = 4) -> CytoSynPipeline:
+def random_pipeline(
+    cond_dim: int | None = 16, seed: int = 0, size: int = 8, channels: int = 4, real_parts: bool = False
+) -> CytoSynPipeline:
     """A small SiT with random weights everywhere (adaLN-Zero layers included, so the output depends on
-    the condition), wrapped in the real pipeline."""
+    the condition), wrapped in the real pipeline. ``real_parts``: conditioned on the registry's ViT-Ti/16
+    (192-d) and decoding with tiny-f8 at 224 px, both random-initialised, so tiles can be encoded."""
+    if real_parts:
+        cond_dim, size, channels = 192, 28, 4
     cfg = SiTConfig(
         input_size=size, in_channels=channels, patch_size=2, hidden_size=32, depth=2, num_heads=2,
         cond_dim=cond_dim, cond_dropout=0.0, repa_dim=None,
@@ -35,7 +40,10 @@ def random_pipeline(cond_dim: int | None = 16, seed: int = 0, size: int = 8, cha
             elif "cond_embedder.mlp" in name and p.ndim == 2:
                 p.normal_(0.0, 0.5)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    state |= {"latent_norm.mean": torch.full((channels,), 0.1), "latent_norm.std": torch.full((channels,), 2.0)}
+    state |= {
+        "latent_norm.mean": torch.full((channels,), 0.1),
+        "latent_norm.std": torch.full((channels,), 2.0),
+    }
     config = {
         "format": RELEASE_FORMAT,
         "_class_name": "CytoSynPipeline",
@@ -43,11 +51,19 @@ def random_pipeline(cond_dim: int | None = 16, seed: int = 0, size: int = 8, cha
         "sit": cfg.model_dump(mode="json"),
         "latent": {"channels": channels, "size": size, "norm": "fixed"},
         "conditioning": (
-            {"encoder": ENCODER, "weights": None, "embed_dim": cond_dim, "member": f"{ENCODER}.npy"} if cond_dim else {}
+            {"encoder": ENCODER, "weights": None, "embed_dim": cond_dim, "member": f"{ENCODER}.npy"}
+            if cond_dim
+            else {}
         ),
         "vae": {"name": None},
         "tile": {"px": size * 8, "mpp": 0.5},
     }
+    if real_parts:
+        config["conditioning"] = {
+            "encoder": "vit-tiny16", "weights": "random-init:seed=0", "embed_dim": 192, "member": "vit-tiny16.npy",
+            "output": "cls",
+        }  # fmt: skip
+        config["vae"] = {"name": "tiny-f8", "weights": "random-init:seed=0", "downsample": 8}
     return CytoSynPipeline(config, state, device="cpu", dtype="fp32")
 
 
@@ -66,7 +82,9 @@ class GaussianPipeline:
         self.conditioning_encoder = "gaussian-mean"
         self.calls = 0
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor) -> torch.Tensor:
+    def velocity(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor
+    ) -> torch.Tensor:
         self.calls += x_t.shape[0]
         b = x_t.shape[0]
         mu = torch.zeros_like(x_t) if cond is None else cond.view(b, *self.latent_shape).clone()
@@ -80,7 +98,9 @@ class GaussianPipeline:
         return (ee - ex).float()
 
 
-def gaussian_tiles(means: np.ndarray, per_class: int, s: float, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+def gaussian_tiles(
+    means: np.ndarray, per_class: int, s: float, seed: int = 0
+) -> tuple[np.ndarray, list[int]]:
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for c, mu in enumerate(means):
@@ -118,13 +138,22 @@ def write_featurized_split(
     tile JSON (slide, patient, ``label`` when given); class-dependent embeddings and latents."""
     rng = np.random.default_rng(seed)
     writer = ShardWriter(folder, lambda i: f"{split}-{i:06d}.tar", max_samples=per_shard)
-    centres = {lab: rng.standard_normal(cond_dim) for lab in sorted({str(x) for x in labels if x is not None})}
+    centres = {
+        lab: rng.standard_normal(cond_dim) for lab in sorted({str(x) for x in labels if x is not None})
+    }
     for i in range(n):
         lab = labels[i % len(labels)]
-        emb = (centres.get(str(lab), np.zeros(cond_dim)) + 0.3 * rng.standard_normal(cond_dim)).astype(np.float16)
+        emb = (centres.get(str(lab), np.zeros(cond_dim)) + 0.3 * rng.standard_normal(cond_dim)).astype(
+            np.float16
+        )
         mean = rng.standard_normal(shape) * 2 + 0.1
         moments = np.stack([mean, np.full(shape, -4.0)]).astype(np.float16)
-        meta: dict[str, Any] = {"slide_id": f"slide{i % 3}", "patient_id": f"p{i % 3}", "mpp": 0.5, "tile_px": image_px}
+        meta: dict[str, Any] = {
+            "slide_id": f"slide{i % 3}",
+            "patient_id": f"p{i % 3}",
+            "mpp": 0.5,
+            "tile_px": image_px,
+        }
         if lab is not None:
             meta["label"] = lab
         writer.write(

@@ -140,8 +140,12 @@ def test_errors_equal_naive_reimplementation_with_shared_noise(pipe, fraction):
 
 def test_shared_noise_identical_conditions_give_identical_errors(pipe):
     lat, own, keys = _data(pipe, 4)
-    conds = [Condition("own", "own")] + [Condition(f"copy{j}", "embedding", vector=own[0], is_class=True) for j in range(2)]
-    res = denoising_errors(pipe, lat, keys, conds, EngineSettings(TimeGrid.build(k=3), seed=1, batch_size=7), own=own)
+    conds = [Condition("own", "own")] + [
+        Condition(f"copy{j}", "embedding", vector=own[0], is_class=True) for j in range(2)
+    ]
+    res = denoising_errors(
+        pipe, lat, keys, conds, EngineSettings(TimeGrid.build(k=3), seed=1, batch_size=7), own=own
+    )
     # the same noise for both copies (equal up to float rounding of rows batched differently)
     np.testing.assert_allclose(res.errors[:, 1], res.errors[:, 2], rtol=1e-6)
     assert np.ptp(res.errors[:, 1], axis=0).min() > 1e-3  # while tiles differ
@@ -154,10 +158,14 @@ def test_determinism_across_batch_sizes_and_tile_order(pipe):
     grid = TimeGrid.build(k=3)
     ref = denoising_errors(pipe, lat, keys, conds, EngineSettings(grid, seed=2, batch_size=1), own=own).errors
     for bs in (5, 200):
-        got = denoising_errors(pipe, lat, keys, conds, EngineSettings(grid, seed=2, batch_size=bs), own=own).errors
+        got = denoising_errors(
+            pipe, lat, keys, conds, EngineSettings(grid, seed=2, batch_size=bs), own=own
+        ).errors
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9)
     perm = [3, 0, 1, 2]
-    got = denoising_errors(pipe, lat[perm], [keys[i] for i in perm], conds, EngineSettings(grid, seed=2), own=own[perm])
+    got = denoising_errors(
+        pipe, lat[perm], [keys[i] for i in perm], conds, EngineSettings(grid, seed=2), own=own[perm]
+    )
     np.testing.assert_allclose(got.errors, ref[perm], rtol=1e-6, atol=1e-9)
 
 
@@ -197,7 +205,9 @@ def test_bad_conditions_are_refused(pipe):
     uncond = random_pipeline(cond_dim=None)
     with pytest.raises(ScoringError, match="unconditional"):
         denoising_errors(uncond, lat, keys, [Condition("own", "own")], s, own=own)
-    res = denoising_errors(uncond, lat, keys, [Condition("null", "null")], s)  # null works on an unconditional model
+    res = denoising_errors(
+        uncond, lat, keys, [Condition("null", "null")], s
+    )  # null works on an unconditional model
     assert np.isfinite(res.errors).all()
 
 
@@ -210,7 +220,9 @@ def test_model_without_null_embedding_refuses_null(pipe):
 
     lat, _, keys = _data(pipe, 1)
     with pytest.raises(ScoringError, match="no null embedding"):
-        denoising_errors(NoNull(), lat, keys, [Condition("null", "null")], EngineSettings(TimeGrid.build(k=2)))
+        denoising_errors(
+            NoNull(), lat, keys, [Condition("null", "null")], EngineSettings(TimeGrid.build(k=2))
+        )
 
 
 # ---- weighting ---------------------------------------------------------------------------------------------
@@ -368,7 +380,9 @@ def test_vectorised_bootstrap_metrics_equal_scikit_learn():
         with __import__("warnings").catch_warnings():
             __import__("warnings").simplefilter("ignore")
             assert got["balanced_accuracy"][r] == pytest.approx(balanced_accuracy_score(t[r], p[r]))
-        assert got["macro_f1"][r] == pytest.approx(f1_score(t[r], p[r], labels=present, average="macro", zero_division=0))
+        assert got["macro_f1"][r] == pytest.approx(
+            f1_score(t[r], p[r], labels=present, average="macro", zero_division=0)
+        )
 
 
 def test_rank_auc_equals_scikit_learn():

@@ -26,7 +26,13 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     write_featurized_split(root / "ref", 18, LABELS, seed=1, split="ref", per_shard=9)
     write_featurized_split(root / "test", 14, [*LABELS, "debris"], seed=2, split="test", per_shard=5)
     write_featurized_split(root / "unlabelled", 6, [None], seed=3, split="u")
-    return {"root": root, "release": release, "ref": root / "ref", "test": root / "test", "u": root / "unlabelled"}
+    return {
+        "root": root,
+        "release": release,
+        "ref": root / "ref",
+        "test": root / "test",
+        "u": root / "unlabelled",
+    }
 
 
 def _cfg(setup, out: Path, **extra) -> ScoreConfig:
@@ -65,7 +71,12 @@ def test_score_outputs_and_resume(setup, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     cls = s["classification"]
     assert cls["n"] == 11 and cls["tiles_with_other_labels"] == 3  # 'debris' is no class: counted, not scored
-    assert 0 <= cls["balanced_accuracy"]["low"] <= cls["balanced_accuracy"]["estimate"] <= cls["balanced_accuracy"]["high"]
+    assert (
+        0
+        <= cls["balanced_accuracy"]["low"]
+        <= cls["balanced_accuracy"]["estimate"]
+        <= cls["balanced_accuracy"]["high"]
+    )
     assert s["prototypes"]["tiles_per_label"] == {"tumour": 6, "stroma": 6, "mucus": 6}
     assert s["plan"]["pruning"]["rounds"] == [4, 1, 1] and s["plan"]["engine"]["times"]["k"] == 6
     assert s["nfe"]["per_tile_without_pruning"] == 5 * 6
@@ -98,9 +109,31 @@ def test_parts_and_batch_sizes_give_the_same_table(setup, tmp_path):
     ref = tmp_path / "one"
     run_score(_cfg(setup, ref, grid=0, maps=0, **{"pruning.enabled": False}))
     out = tmp_path / "two"
-    first = run_score(_cfg(setup, out, part="0/2", batch_size=7, tiles_per_batch=2, grid=0, maps=0, **{"pruning.enabled": False}))
+    first = run_score(
+        _cfg(
+            setup,
+            out,
+            part="0/2",
+            batch_size=7,
+            tiles_per_batch=2,
+            grid=0,
+            maps=0,
+            **{"pruning.enabled": False},
+        )
+    )
     assert not first.complete and first.done == 2
-    second = run_score(_cfg(setup, out, part="1/2", batch_size=7, tiles_per_batch=2, grid=0, maps=0, **{"pruning.enabled": False}))
+    second = run_score(
+        _cfg(
+            setup,
+            out,
+            part="1/2",
+            batch_size=7,
+            tiles_per_batch=2,
+            grid=0,
+            maps=0,
+            **{"pruning.enabled": False},
+        )
+    )
     assert second.complete and second.done == 1
     a = list(csv.DictReader((ref / "scores.csv").open()))
     b = list(csv.DictReader((out / "scores.csv").open()))
@@ -129,11 +162,22 @@ def test_cli_verb_and_bad_inputs(setup, tmp_path, capsys):
     with pytest.raises(ScoringError, match="fewer than 7 tiles"):
         run_score(_cfg(setup, bad, **{"conditions.classes.min_tiles": 7}))
     with pytest.raises(ScoringError, match="need a class-conditional fine-tune"):
-        run_score(_cfg(setup, bad, **{"conditions.classes.source": "labels", "conditions.classes.labels": ["a"]}))
+        run_score(
+            _cfg(setup, bad, **{"conditions.classes.source": "labels", "conditions.classes.labels": ["a"]})
+        )
     assert not list((bad / "units").glob("*.npz"))
     for override, match in (("times.k=0", "times.k"), ("times.values=[0.0,0.5]", "(0, 1]"),
                             ("mask_fraction=1.5", "mask_fraction"), ("conditions.own=false", None)):  # fmt: skip
-        args = ["score", "--model", str(setup["release"]), "--input", str(setup["u"]), "--output", str(bad), override]
+        args = [
+            "score",
+            "--model",
+            str(setup["release"]),
+            "--input",
+            str(setup["u"]),
+            "--output",
+            str(bad),
+            override,
+        ]
         if override == "conditions.own=false":
             args.append("conditions.null=false")
         assert main(args) == 1

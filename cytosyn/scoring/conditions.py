@@ -63,7 +63,9 @@ def class_prototypes(
         if not any(lab is not None for lab in batch.labels):
             unlabelled += len(batch)
             continue
-        keep = [i for i, lab in enumerate(batch.labels) if lab is not None and (labels is None or lab in labels)]
+        keep = [
+            i for i, lab in enumerate(batch.labels) if lab is not None and (labels is None or lab in labels)
+        ]
         unlabelled += sum(lab is None for lab in batch.labels)
         if not keep:
             continue

@@ -104,10 +104,14 @@ def _feature_members(path: Path, manifest: SplitManifest, pipe: Any) -> tuple[st
         raise ScoringError(str(err)) from None
     vae = next((f for f in manifest.features if f.member == "vae.npy"), None)
     if vae is None:
-        raise ScoringError(f"split {path} has {member} but no vae.npy latents: featurize it with the model's VAE")
+        raise ScoringError(
+            f"split {path} has {member} but no vae.npy latents: featurize it with the model's VAE"
+        )
     want = (pipe.config.get("vae") or {}).get("name")
     if want and vae.model_id != want:
-        raise ScoringError(f"split {path}: vae.npy was made by {vae.model_id!r}, the model decodes with {want!r}")
+        raise ScoringError(
+            f"split {path}: vae.npy was made by {vae.model_id!r}, the model decodes with {want!r}"
+        )
     recorded, used = (pipe.config.get("vae") or {}).get("weights"), vae.details.get("weights")
     if recorded and used and recorded != used:
         raise ScoringError(f"split {path}: vae.npy made with VAE weights {used}, the model's are {recorded}")
@@ -148,7 +152,9 @@ def _read_split_shard(
                 raise ScoringError(f"{file}: sample {key!r} has no {image_member} image")
             images.append(decode_image(m[image_member]))
     if reader is not None and reader.sha.hexdigest() != entry.sha256:
-        raise ScoringError(f"shard {file} does not match its sha256 in the manifest (changed since it was written)")
+        raise ScoringError(
+            f"shard {file} does not match its sha256 in the manifest (changed since it was written)"
+        )
     if len(keys) != entry.count:
         raise ScoringError(f"shard {file} holds {len(keys)} samples, the manifest says {entry.count}")
     batch = TileBatch(keys, labels, metas, images if need_images else None)
@@ -220,8 +226,12 @@ def _folder_source(path: Path, tiles_per_unit: int) -> TileSource:
         units.append(Unit(f"folder-{j:06d}", len(block), digest, lambda w, _b=block: read_block(_b, w)))
     keys = [_safe_key(str(f.relative_to(path).with_suffix(""))) for f in files]
     if len(set(keys)) != len(keys):
-        raise ScoringError(f"{path}: two files map to the same tile key (names differing only in . or suffix)")
-    return TileSource(path, "folder", units, featurized=False, details={"files": len(files), "labelled": labelled})
+        raise ScoringError(
+            f"{path}: two files map to the same tile key (names differing only in . or suffix)"
+        )
+    return TileSource(
+        path, "folder", units, featurized=False, details={"files": len(files), "labelled": labelled}
+    )
 
 
 def _digest_files(files: list[Path]) -> str:

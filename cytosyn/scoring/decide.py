@@ -75,7 +75,9 @@ class TimeWeights:
             "times": [float(t) for t in self.times],
             "weights": [float(w) for w in self.weights],
             "log_mean_error_polynomial": self.coefficients,
-            "observed_mean_error": None if self.observed_mean is None else [float(v) for v in self.observed_mean],
+            "observed_mean_error": None
+            if self.observed_mean is None
+            else [float(v) for v in self.observed_mean],
             "calibration_tiles": self.n_tiles,
             "calibration_conditions": self.conditions,
             "rule": "w(t) = exp(-p(t)), p = polynomial fit of log(mean error) over t (numpy Polynomial.fit)",
@@ -101,7 +103,9 @@ class TimeWeights:
         )
 
     def check(self, times: Sequence[float]) -> None:
-        if len(times) != len(self.times) or not np.allclose(np.asarray(times), self.times, rtol=0, atol=1e-12):
+        if len(times) != len(self.times) or not np.allclose(
+            np.asarray(times), self.times, rtol=0, atol=1e-12
+        ):
             raise ScoringError(
                 f"the per-time weights were made for times {list(self.times)}, this run uses {list(times)}"
             )
@@ -125,7 +129,9 @@ def fit_time_weights(
         raise ScoringError("no calibration tiles to fit the per-time weighting on")
     mean = np.nanmean(err.reshape(-1, len(t)), axis=0)
     if not np.all(np.isfinite(mean)) or np.any(mean <= 0):
-        raise ScoringError(f"cannot fit the per-time weighting: mean errors {mean.tolist()} are not all positive")
+        raise ScoringError(
+            f"cannot fit the per-time weighting: mean errors {mean.tolist()} are not all positive"
+        )
     deg = int(min(max(degree, 0), len(t) - 1))
     if len(t) == 1:
         fitted = np.log(mean)
@@ -284,7 +290,9 @@ def anomaly_scores(
     return out
 
 
-def slide_aggregates(slide_ids: Sequence[str | None], scores: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+def slide_aggregates(
+    slide_ids: Sequence[str | None], scores: dict[str, np.ndarray]
+) -> dict[str, dict[str, Any]]:
     """Per slide: tile count and the mean, median and max of every score (tiles without a slide id are
     grouped under ``"(none)"``)."""
     groups: dict[str, list[int]] = {}
@@ -297,7 +305,9 @@ def slide_aggregates(slide_ids: Sequence[str | None], scores: dict[str, np.ndarr
             v = np.asarray(vals, dtype=np.float64)[idx]
             v = v[np.isfinite(v)]
             entry[name] = (
-                {"mean": float(v.mean()), "median": float(np.median(v)), "max": float(v.max())} if v.size else None
+                {"mean": float(v.mean()), "median": float(np.median(v)), "max": float(v.max())}
+                if v.size
+                else None
             )
         out[slide] = entry
     return out

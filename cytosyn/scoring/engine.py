@@ -37,8 +37,8 @@ __all__ = [
     "Condition",
     "EngineSettings",
     "ScoringError",
-    "TimeGrid",
     "TileErrors",
+    "TimeGrid",
     "denoising_errors",
     "error_maps",
     "interleaved_order",
@@ -90,7 +90,9 @@ class TimeGrid:
             if k is None or k < 1:
                 raise ScoringError(f"K (the number of times) must be >= 1, got {k}")
             if not 0.0 < t_min <= t_max <= 1.0:
-                raise ScoringError(f"times must satisfy 0 < t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+                raise ScoringError(
+                    f"times must satisfy 0 < t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}"
+                )
             vals = np.linspace(t_min, t_max, k) if k > 1 else np.array([t_min])
         else:
             vals = np.asarray(list(values), dtype=np.float64)
@@ -345,11 +347,15 @@ def _evaluate_rows(
     return torch.cat(out)
 
 
-def _prepare(pipe: Any, latents: Tensor | np.ndarray, keys: Sequence[str], own: Any) -> tuple[Tensor, Tensor | None]:
+def _prepare(
+    pipe: Any, latents: Tensor | np.ndarray, keys: Sequence[str], own: Any
+) -> tuple[Tensor, Tensor | None]:
     lat = torch.as_tensor(np.asarray(latents) if not isinstance(latents, Tensor) else latents).float().cpu()
     shape = tuple(pipe.latent_shape)
     if lat.ndim != 4 or tuple(lat.shape[1:]) != shape:
-        raise ScoringError(f"latents must have shape (N, {', '.join(map(str, shape))}), got {tuple(lat.shape)}")
+        raise ScoringError(
+            f"latents must have shape (N, {', '.join(map(str, shape))}), got {tuple(lat.shape)}"
+        )
     if len(keys) != lat.shape[0]:
         raise ScoringError(f"{len(keys)} keys for {lat.shape[0]} latents")
     if not bool(torch.isfinite(lat).all()):
@@ -389,7 +395,9 @@ def denoising_errors(
     lat, own_t = _prepare(pipe, latents, keys, own)
     _check_conditions(pipe, conditions, own_t)
     n, m_count, k_count = lat.shape[0], len(conditions), len(settings.grid)
-    noise = torch.stack([tile_noise(settings.seed, key, k_count, lat.shape[1:]) for key in keys]) if n else None
+    noise = (
+        torch.stack([tile_noise(settings.seed, key, k_count, lat.shape[1:]) for key in keys]) if n else None
+    )
     errors = np.full((n, m_count, k_count), np.nan, dtype=np.float64)
     nfe = np.zeros(n, dtype=np.int64)
     dropped = np.full((n, m_count), -1, dtype=np.int64)

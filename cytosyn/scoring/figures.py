@@ -32,7 +32,11 @@ def plot_score_distributions(
     for ax, score in zip(axes[0], names):
         per = {g: np.asarray(v, dtype=np.float64) for g, v in groups[score].items()}
         per = {g: v[np.isfinite(v)] for g, v in per.items()}
-        allv = np.concatenate([v for v in per.values() if v.size]) if any(v.size for v in per.values()) else np.zeros(1)
+        allv = (
+            np.concatenate([v for v in per.values() if v.size])
+            if any(v.size for v in per.values())
+            else np.zeros(1)
+        )
         lo, hi = float(allv.min()), float(allv.max())
         bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 25)
         for g, v in per.items():
@@ -103,7 +107,9 @@ def plot_counterfactual(
     im = None
     for j, name in enumerate(names):
         ax = axes[0][j + 1]
-        up = np.asarray(Image.fromarray(diffs[j].astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+        up = np.asarray(
+            Image.fromarray(diffs[j].astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
+        )
         ax.imshow(image)
         im = ax.imshow(up, cmap="RdBu_r", vmin=-vmax, vmax=vmax, alpha=0.6)
         ax.set_title(("★ " if name == predicted else "") + name, fontsize=7)

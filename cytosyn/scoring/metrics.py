@@ -56,7 +56,9 @@ def classification_metrics(
         point = {
             "accuracy": float(accuracy_score(yt, yp)),
             "balanced_accuracy": float(balanced_accuracy_score(yt, yp)),
-            "macro_f1": float(f1_score(yt, yp, labels=sorted(set(yt.tolist()), key=str), average="macro", zero_division=0)),
+            "macro_f1": float(
+                f1_score(yt, yp, labels=sorted(set(yt.tolist()), key=str), average="macro", zero_division=0)
+            ),
         }
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, yt.size, size=(n_boot, yt.size))
@@ -107,7 +109,9 @@ def auc_with_ci(
     b = np.asarray(scores_out, dtype=np.float64)
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
     if a.size < 1 or b.size < 1:
-        raise ScoringError(f"an AUC needs tiles on both sides, got {a.size} in and {b.size} out with finite scores")
+        raise ScoringError(
+            f"an AUC needs tiles on both sides, got {a.size} in and {b.size} out with finite scores"
+        )
     y = np.r_[np.zeros(a.size), np.ones(b.size)]
     est = float(roc_auc_score(y, np.r_[a, b]))
     rng = np.random.default_rng(seed)

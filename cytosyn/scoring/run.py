@@ -72,13 +72,17 @@ class TimesConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> TimesConfig:
         try:
-            TimeGrid.build(self.k if self.values is None else None, self.t_min, self.t_max, self.values, self.order)
+            TimeGrid.build(
+                self.k if self.values is None else None, self.t_min, self.t_max, self.values, self.order
+            )
         except ScoringError as err:
             raise ValueError(str(err)) from None
         return self
 
     def grid(self) -> TimeGrid:
-        return TimeGrid.build(self.k if self.values is None else None, self.t_min, self.t_max, self.values, self.order)
+        return TimeGrid.build(
+            self.k if self.values is None else None, self.t_min, self.t_max, self.values, self.order
+        )
 
 
 class ClassesConfig(StrictModel):
@@ -144,7 +148,9 @@ class ScoreConfig(StrictModel):
     def _check(self) -> ScoreConfig:
         c = self.conditions
         if not (c.own or c.null or c.classes.source != "none"):
-            raise ValueError("no conditions: enable conditions.own, conditions.null or conditions.classes.source")
+            raise ValueError(
+                "no conditions: enable conditions.own, conditions.null or conditions.classes.source"
+            )
         if self.weighting.mode == "from" and self.weighting.source is None:
             raise ValueError("weighting.mode=from needs weighting.source (a score folder or weights.json)")
         if self.primary_score == "margin" and c.classes.source == "none":
@@ -255,7 +261,9 @@ def _state(output: Path, unit: str, digest: str) -> dict[str, Any] | None:
     return state
 
 
-def _save_unit(output: Path, name: str, keys: list[str], res: TileErrors, digest: str, extra: dict[str, Any]) -> None:
+def _save_unit(
+    output: Path, name: str, keys: list[str], res: TileErrors, digest: str, extra: dict[str, Any]
+) -> None:
     import io
 
     buf = io.BytesIO()
@@ -282,18 +290,24 @@ def _load_unit(output: Path, name: str) -> tuple[list[str], TileErrors]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def prepare_plan(cfg: ScoreConfig, pipe: Any, source: TileSource) -> tuple[ScoringPlan, Prototypes | None, int]:
+def prepare_plan(
+    cfg: ScoreConfig, pipe: Any, source: TileSource
+) -> tuple[ScoringPlan, Prototypes | None, int]:
     """Conditions, times, weighting and pruning of a run (every bad setting refused here, before scoring).
     Returns the plan, the prototypes (if any) and the NFE spent on calibration."""
     grid = cfg.times.grid()
-    engine = EngineSettings(grid, seed=cfg.noise_seed, mask_fraction=cfg.mask_fraction, batch_size=cfg.batch_size)
+    engine = EngineSettings(
+        grid, seed=cfg.noise_seed, mask_fraction=cfg.mask_fraction, batch_size=cfg.batch_size
+    )
     protos = _prototypes(cfg, pipe, source)
     labels = cfg.conditions.classes.labels if cfg.conditions.classes.source == "labels" else None
     if cfg.conditions.classes.source == "labels" and not labels:
         labels = list(getattr(pipe, "class_labels", None) or [])
     conditions = build_conditions(pipe, cfg.conditions.own, cfg.conditions.null, protos, labels)
     pruning = (
-        PruningSettings(cfg.pruning.min_t, cfg.pruning.every, cfg.pruning.p_threshold) if cfg.pruning.enabled else None
+        PruningSettings(cfg.pruning.min_t, cfg.pruning.every, cfg.pruning.p_threshold)
+        if cfg.pruning.enabled
+        else None
     )
     weights = _given_weights(cfg, grid)
     nfe = 0
@@ -323,7 +337,11 @@ def run_score(cfg: ScoreConfig) -> ScoreSummary:
     summary = ScoreSummary(output=output, tiles=source.count, units=len(source.units))
     weights_file = output / "weights.json"
     settings = cfg.content_settings() | {
-        "model": {"name": pipe.name, "weights_sha256": pipe.weights_sha256, "precision": pipe._precision_name()},
+        "model": {
+            "name": pipe.name,
+            "weights_sha256": pipe.weights_sha256,
+            "precision": pipe._precision_name(),
+        },
         "input": {"kind": source.kind, "units": [[u.name, u.count, u.sha256] for u in source.units]},
         "format": SCORE_FORMAT,
     }
@@ -513,7 +531,7 @@ def write_figures(
     cfg: ScoreConfig, pipe: Any, source: TileSource, plan: ScoringPlan, scores: TileScores, primary: str | None,
     output: Path,
 ) -> dict[str, Any]:  # fmt: skip
-    from .figures import plot_counterfactual, plot_score_distributions, plot_tile_rows
+    from .figures import plot_score_distributions, plot_tile_rows
 
     figures: dict[str, Any] = {}
     if not scores.anomaly or len(scores) == 0:
@@ -546,7 +564,9 @@ def write_figures(
     if cfg.grid:
         rows = {
             "most anomalous": [(images[scores.keys[i]], caption(i)) for i in top if scores.keys[i] in images],
-            "least anomalous": [(images[scores.keys[i]], caption(i)) for i in bottom if scores.keys[i] in images],
+            "least anomalous": [
+                (images[scores.keys[i]], caption(i)) for i in bottom if scores.keys[i] in images
+            ],
         }
         figures["anomalous_tiles"] = plot_tile_rows(
             rows, output / "anomalous_tiles.png", title=f"anomaly score: {primary} (larger = more anomalous)"

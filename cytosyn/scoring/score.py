@@ -181,7 +181,9 @@ def calibrate(
         have += take
     if not errs:
         raise ScoringError("no tiles to calibrate the per-time weighting on")
-    weights = fit_time_weights(engine.grid.values, np.concatenate(errs), degree, conditions=[c.name for c in chosen])
+    weights = fit_time_weights(
+        engine.grid.values, np.concatenate(errs), degree, conditions=[c.name for c in chosen]
+    )
     return weights, nfe
 
 
@@ -224,7 +226,11 @@ class TileScores:
 
 
 def decide(
-    plan: ScoringPlan, keys: Sequence[str], labels: Sequence[str | None], meta: Sequence[dict[str, Any]], raw: TileErrors
+    plan: ScoringPlan,
+    keys: Sequence[str],
+    labels: Sequence[str | None],
+    meta: Sequence[dict[str, Any]],
+    raw: TileErrors,
 ) -> TileScores:
     """Weighted errors, predicted class (argmin among unpruned classes) and every anomaly score."""
     w = plan.weights.weights

@@ -15,6 +15,8 @@ from .domain import domain_study
 from .jpeg import DEFAULT_QUALITIES, JpegStudyResult, jpeg_study, lossless_roundtrip_check, study_codecs
 from .overfitting import STUDY as _OVERFITTING
 from .overfitting import memorisation, overfitting_study
+from .scoring import STUDY as _SCORING
+from .scoring import ScoringStudyConfig, scoring_study
 from .sweep import STUDY as _SWEEP
 from .sweep import SweepConfig, sweep_study
 
@@ -22,6 +24,7 @@ __all__ = [
     "DEFAULT_QUALITIES",
     "STUDIES",
     "JpegStudyResult",
+    "ScoringStudyConfig",
     "Study",
     "StudyContext",
     "SweepConfig",
@@ -31,12 +34,13 @@ __all__ = [
     "lossless_roundtrip_check",
     "memorisation",
     "overfitting_study",
+    "scoring_study",
     "study_codecs",
     "sweep_study",
 ]
 
 #: ``EvalConfig.study`` name → the study's hooks (the config's ``study`` Literal lists the same names).
-STUDIES: dict[str, Study] = {s.name: s for s in (_OVERFITTING, _DOMAIN, _SWEEP)}
+STUDIES: dict[str, Study] = {s.name: s for s in (_OVERFITTING, _DOMAIN, _SWEEP, _SCORING)}
 
 
 def get_study(name: str) -> Study:
