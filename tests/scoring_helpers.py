@@ -73,8 +73,19 @@ class GaussianPipeline:
     velocity ``E[ε − x | x_t]`` is known in closed form, so a condition closer to the tile's class mean
     gives a lower denoising error."""
 
-    def __init__(self, shape: tuple[int, int, int] = (2, 4, 4), s: float = 0.5):
+    def __init__(
+        self,
+        shape: tuple[int, int, int] = (2, 4, 4),
+        s: float = 0.5,
+        labels: dict[str, np.ndarray] | None = None,
+    ):
         self.latent_shape = shape
+        # a label-conditioned model (the pipeline API of class-conditional fine-tunes): integer ``cond``
+        # holds label indices into ``label_names``; each label's condition is its class mean
+        self.label_names = list(labels) if labels else None
+        self._label_means = (
+            torch.tensor(np.stack(list(labels.values())), dtype=torch.float32) if labels else None
+        )
         self.cond_dim = int(np.prod(shape))
         self.s = s
         self.device = torch.device("cpu")
@@ -87,6 +98,9 @@ class GaussianPipeline:
     ) -> torch.Tensor:
         self.calls += x_t.shape[0]
         b = x_t.shape[0]
+        if cond is not None and not cond.is_floating_point():
+            assert self._label_means is not None, "integer conditions given to a model without labels"
+            cond = self._label_means[cond].reshape(b, -1)
         mu = torch.zeros_like(x_t) if cond is None else cond.view(b, *self.latent_shape).clone()
         mu[uncond.bool()] = 0.0
         tt = t.view(-1, 1, 1, 1).double()

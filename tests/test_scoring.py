@@ -396,3 +396,32 @@ def test_rank_auc_equals_scikit_learn():
     got = _rank_auc(a, b)
     for r in range(20):
         assert got[r] == pytest.approx(roc_auc_score(np.r_[np.zeros(9), np.ones(5)], np.r_[a[r], b[r]]))
+
+
+def test_label_conditions_of_a_class_conditional_model():
+    """Label conditions (a class-conditional fine-tune's labels) go to the pipeline as integer labels, in
+    calls apart from the embedding rows, and classify like the equivalent prototypes."""
+    rng = np.random.default_rng(5)
+    shape = (2, 4, 4)
+    means = 1.2 * rng.standard_normal((3, *shape))
+    gp = GaussianPipeline(shape, s=0.4, labels={f"L{j}": means[j].reshape(-1) for j in range(3)})
+    lat, ys = gaussian_tiles(means, 4, gp.s, seed=6)
+    keys = [f"g{i}" for i in range(len(ys))]
+    own = np.stack([means[y].reshape(-1) for y in ys]).astype(np.float32)
+    grid = TimeGrid.build(k=6, t_min=0.1, t_max=1.0)
+    settings = EngineSettings(grid, seed=0, batch_size=5)  # chunks mix label and embedding rows
+    by_label = [Condition("own", "own"), Condition("null", "null")] + [
+        Condition(f"class:L{j}", "label", label=f"L{j}", is_class=True) for j in range(3)
+    ]
+    by_proto = [Condition("own", "own"), Condition("null", "null")] + [
+        Condition(f"class:L{j}", "embedding", vector=means[j].reshape(-1).astype(np.float32), label=f"L{j}",
+                  is_class=True) for j in range(3)
+    ]  # fmt: skip
+    a = denoising_errors(gp, lat, keys, by_label, settings, own=own)
+    b = denoising_errors(gp, lat, keys, by_proto, settings, own=own)
+    np.testing.assert_allclose(a.errors, b.errors, rtol=1e-6)
+    plan = ScoringPlan(by_label, settings, TimeWeights.uniform(grid.values))
+    scores = decide(plan, keys, [None] * len(keys), [{}] * len(keys), a)
+    assert scores.predicted == [f"L{y}" for y in ys]
+    with pytest.raises(ScoringError, match="not one of the model's labels"):
+        denoising_errors(gp, lat, keys, [Condition("class:X", "label", label="X", is_class=True)], settings)

@@ -4,7 +4,7 @@ Class conditions come from one of two places:
 
 - **prototypes** (:func:`class_prototypes`): the mean conditioning embedding of each label in a labelled
   reference split, so any conditional model can classify without being trained on labels;
-- **labels** of a class-conditional fine-tune: when the pipeline exposes ``class_labels`` (label
+- **labels** of a class-conditional fine-tune: when the pipeline exposes ``label_names`` (label
   conditioning), each label is a condition of kind ``label`` and the engine passes it to the pipeline.
 """
 
@@ -118,7 +118,7 @@ def build_conditions(
             for lab, vec in zip(prototypes.labels, prototypes.vectors)
         ]
     elif labels:
-        known = getattr(pipe, "class_labels", None)
+        known = getattr(pipe, "label_names", None)
         if not known:
             raise ScoringError(
                 "classes from labels need a class-conditional fine-tune (a pipeline with label conditioning); "

@@ -252,7 +252,7 @@ def _check_conditions(pipe: Any, conditions: Sequence[Condition], own: Tensor | 
             if not np.all(np.isfinite(vec)):
                 raise ScoringError(f"condition {c.name!r}: embedding contains NaN or infinite values")
         elif c.kind == "label":
-            known = getattr(pipe, "class_labels", None)
+            known = getattr(pipe, "label_names", None)
             if not known:
                 raise ScoringError(
                     f"condition {c.name!r} is a class label, but this model has no label conditioning (it is "
@@ -271,16 +271,25 @@ def _check_conditions(pipe: Any, conditions: Sequence[Condition], own: Tensor | 
 
 def _condition_rows(
     pipe: Any, conditions: Sequence[Condition], own: Tensor | None, tiles: Tensor, conds: Tensor
-) -> tuple[Tensor | None, Tensor, Any]:
-    """The ``cond`` matrix, ``uncond_mask`` and label list of rows (tile index, condition index)."""
+) -> tuple[Tensor | None, Tensor]:
+    """The ``cond`` input and ``uncond_mask`` of rows (tile index, condition index).
+
+    Embedding rows (own, null, prototypes) get a float ``(R, cond_dim)`` matrix; label rows (all rows of
+    the call must then be label rows) get the labels' integer indices, as the pipeline's velocity takes
+    them for a label-conditioned model."""
     device = pipe.device
     width = pipe.cond_dim
     n = tiles.shape[0]
+    kinds = {conditions[m].kind for m in conds.unique().tolist()}
+    if "label" in kinds:
+        assert kinds == {"label"}, "label rows are evaluated apart from embedding rows"
+        names = list(pipe.label_names)
+        idx = torch.tensor([names.index(str(conditions[m].label)) for m in conds.tolist()], dtype=torch.long)
+        return idx.to(device), torch.zeros(n, dtype=torch.bool, device=device)
     uncond = torch.zeros(n, dtype=torch.bool)
     if width is None:
-        return None, torch.ones(n, dtype=torch.bool, device=device), None
+        return None, torch.ones(n, dtype=torch.bool, device=device)
     cond = torch.zeros(n, width, dtype=torch.float32)
-    labels: list[str | None] | None = None
     for m, c in enumerate(conditions):
         sel = conds == m
         if not bool(sel.any()):
@@ -292,18 +301,30 @@ def _condition_rows(
             uncond[sel] = True
         elif c.kind == "embedding":
             cond[sel] = torch.as_tensor(np.asarray(c.vector, dtype=np.float32))
-        elif c.kind == "label":
-            if labels is None:
-                labels = [None] * n
-            for i in torch.nonzero(sel).flatten().tolist():
-                labels[i] = c.label
-    return cond.to(device), uncond.to(device), labels
+    return cond.to(device), uncond.to(device)
 
 
-def _velocity(pipe: Any, x_t: Tensor, t: Tensor, cond: Tensor | None, uncond: Tensor, labels: Any) -> Tensor:
-    if labels is not None:  # label conditioning of a class-conditional fine-tune (the pipeline serves it)
-        return pipe.velocity(x_t, t, cond, uncond, labels=labels)
-    return pipe.velocity(x_t, t, cond, uncond)
+def _velocity_rows(
+    pipe: Any,
+    x_t: Tensor,
+    t: Tensor,
+    conditions: Sequence[Condition],
+    own: Tensor | None,
+    ti: Tensor,
+    ci: Tensor,
+) -> Tensor:
+    """Velocities of a chunk of rows: label rows and embedding rows go through separate calls (a
+    label-conditioned pipeline takes one kind of condition per call) and are put back in row order."""
+    is_label = torch.tensor([conditions[m].kind == "label" for m in ci.tolist()], dtype=torch.bool)
+    out = torch.empty_like(x_t, dtype=torch.float32)
+    for sel in (~is_label, is_label):
+        if not bool(sel.any()):
+            continue
+        rows = torch.nonzero(sel).flatten()
+        cond, uncond = _condition_rows(pipe, conditions, own, ti[rows], ci[rows])
+        rd = rows.to(x_t.device)
+        out[rd] = pipe.velocity(x_t[rd], t[rd], cond, uncond).float()
+    return out
 
 
 Rows = tuple[Tensor, Tensor, Tensor]  # tile index, condition index, grid time index (each (R,) long)
@@ -335,8 +356,7 @@ def _evaluate_rows(
         t32 = grid[ki].to(torch.float32).to(device)
         tt = t32.view(-1, 1, 1, 1)
         x_t = (1 - tt) * x0 + tt * eps
-        cond, uncond, labels = _condition_rows(pipe, conditions, own, ti, ci)
-        v = _velocity(pipe, x_t, t32, cond, uncond, labels).float()
+        v = _velocity_rows(pipe, x_t, t32, conditions, own, ti, ci)
         sq = (v - (eps - x0)).square().mean(dim=1)  # (r, H, W): mean over channels
         if maps:
             out.append(sq.cpu())

@@ -115,6 +115,9 @@ class PruningConfig(StrictModel):
 
 class ScoreConfig(StrictModel):
     model: Path  # release folder or training checkpoint / run folder
+    adapter: Path | None = (
+        None  # a few-shot fine-tune's adapter folder (LoRA / class labels) applied to the model
+    )
     input: Path  # split folder (manifest.json; featurized or not) or image folder (class subfolders = labels)
     output: Path = Path("scores")
     conditions: ConditionsConfig = Field(default_factory=ConditionsConfig)
@@ -302,7 +305,7 @@ def prepare_plan(
     protos = _prototypes(cfg, pipe, source)
     labels = cfg.conditions.classes.labels if cfg.conditions.classes.source == "labels" else None
     if cfg.conditions.classes.source == "labels" and not labels:
-        labels = list(getattr(pipe, "class_labels", None) or [])
+        labels = list(getattr(pipe, "label_names", None) or [])
     conditions = build_conditions(pipe, cfg.conditions.own, cfg.conditions.null, protos, labels)
     pruning = (
         PruningSettings(cfg.pruning.min_t, cfg.pruning.every, cfg.pruning.p_threshold)
@@ -333,6 +336,10 @@ def run_score(cfg: ScoreConfig) -> ScoreSummary:
         cfg.model, vae_weights=cfg.vae_weights, encoder_weights=cfg.encoder_weights, device=cfg.device,
         dtype=cfg.precision,
     )  # fmt: skip
+    if cfg.adapter is not None:
+        if not hasattr(pipe, "load_adapter"):
+            raise ScoringError("this cytosyn's pipeline cannot load adapters (class-conditional fine-tunes)")
+        pipe.load_adapter(cfg.adapter)
     source = open_source(cfg.input, pipe, cfg.tiles_per_unit)
     summary = ScoreSummary(output=output, tiles=source.count, units=len(source.units))
     weights_file = output / "weights.json"
