@@ -850,11 +850,7 @@ class CytoSynPipeline:
         output = (self.config.get("conditioning") or {}).get("output", "cls")
         if output not in ("cls", "mean_patch"):
             raise PipelineError(f"conditioning output {output!r} is not a vector; cannot embed for it")
-        arr = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
-        if arr.ndim == 3:
-            arr = arr[None]
-        if arr.ndim != 4 or arr.dtype != torch.uint8:
-            raise PipelineError(f"expected uint8 tiles (N, H, W, 3), got {tuple(arr.shape)} {arr.dtype}")
+        arr = uint8_tiles(images)
         outs = []
         for start in range(0, arr.shape[0], batch_size):
             batch = arr[start : start + batch_size].to(self.device)
@@ -889,11 +885,7 @@ class CytoSynPipeline:
     def encode_latents(self, images: np.ndarray | Tensor, batch_size: int = 16) -> Tensor:
         """uint8 tiles ``(N, H, W, 3)`` → normalised latents ``(N, C, h, w)`` float32 on the CPU: the VAE's
         posterior mean, rounded to fp16 as featurize stores it, then normalised as in training."""
-        arr = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
-        if arr.ndim == 3:
-            arr = arr[None]
-        if arr.ndim != 4 or arr.dtype != torch.uint8:
-            raise PipelineError(f"expected uint8 tiles (N, H, W, 3), got {tuple(arr.shape)} {arr.dtype}")
+        arr = uint8_tiles(images)
         outs = []
         for start in range(0, arr.shape[0], batch_size):
             moments = self.vae.encode_moments(arr[start : start + batch_size].to(self.device))
@@ -918,6 +910,16 @@ class CytoSynPipeline:
             f"CytoSynPipeline({self.name}, {self.config['sit'].get('preset')}, "
             f"encoder={self.conditioning_encoder}, tile={self.tile_px}px@{self.mpp}mpp, device={self.device})"
         )
+
+
+def uint8_tiles(images: np.ndarray | Tensor) -> Tensor:
+    """``(N, H, W, 3)`` uint8 tiles as a tensor (one tile ``(H, W, 3)`` gets a batch axis), or a clear error."""
+    arr = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.dtype != torch.uint8:
+        raise PipelineError(f"expected uint8 tiles (N, H, W, 3), got {tuple(arr.shape)} {arr.dtype}")
+    return arr
 
 
 def is_release_folder(path: str | Path) -> bool:

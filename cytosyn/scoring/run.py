@@ -34,10 +34,9 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from cytosyn.config import (
-    ConfigError,
     StrictModel,
-    config_differences,
     config_hash,
+    guard_output_settings,
     parse_part,
     write_resolved_config,
 )
@@ -234,20 +233,6 @@ def _given_weights(cfg: ScoreConfig, grid: TimeGrid) -> TimeWeights | None:
     return None
 
 
-def _check_settings(output: Path, settings: dict[str, Any], digest: str) -> None:
-    path = output / "settings.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("hash") != digest:
-            diffs = config_differences(old.get("settings", {}), settings)
-            raise ConfigError(
-                f"output {output} holds scores made with other settings ({'; '.join(diffs) or 'model or input changed'}); "
-                f"use another output folder or delete it"
-            )
-        return
-    atomic_write_text(path, json.dumps({"hash": digest, "settings": settings}, indent=1) + "\n")
-
-
 def _state(output: Path, unit: str, digest: str) -> dict[str, Any] | None:
     path = output / UNITS_DIR / f"{unit}.json"
     if not path.is_file():
@@ -364,7 +349,7 @@ def run_score(cfg: ScoreConfig) -> ScoreSummary:
         plan.weights.method = reuse.get("method", "fit")
     settings["conditions_resolved"] = [c.describe() for c in plan.conditions]
     digest = config_hash(settings)
-    _check_settings(output, settings, digest)
+    guard_output_settings(output, output / "settings.json", settings, digest, "scores")
     write_resolved_config(cfg, output / "config.yaml")
     if reuse is None:
         atomic_write_text(weights_file, json.dumps(plan.weights.describe(), indent=1) + "\n")
