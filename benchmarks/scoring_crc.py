@@ -13,10 +13,13 @@ Steps, each through cytosyn's own verbs: ``ingest`` (128 px at 0.5 mpp: resample
 REPA) → ``train`` (SiT-S/2 at depth ``--depth`` on CPU) → ``release`` → ``eval`` study ``scoring``
 (variant ``classify``: generative classification of the test tiles of known classes with class
 prototypes from the training split, against a linear probe on the same Inception embeddings; anomaly
-AUC of the held-out class against the test tiles of known classes), once per noise seed.
+AUC of the held-out class against the test tiles of known classes), once per noise seed; then variant
+``domain``: the CRC test tiles (in-domain) against tiles of the bundled skin slide (``cmu_small_region``,
+tiled by ``cytosyn tile`` at the same 128 px / 0.5 mpp: another organ, another scanner, a real domain
+shift), with the domain study's Fréchet numbers beside the scores.
 
-Every step is resumable (rerun the same command). Prints the report's tables; the report folder is
-``<out>/eval/report.md``.
+Every step is resumable (rerun the same command). Reports: ``<out>/eval/report.md`` (classify) and
+``<out>/eval_domain/report.md`` (domain).
 
     python benchmarks/scoring_crc.py --out scoring_crc [--steps 3000] [--depth 6] [--holdout LYM]
                                      [--times 20] [--seeds 0 1 2]
@@ -127,6 +130,7 @@ def main() -> None:
     parser.add_argument("--times", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--domain-tiles", type=int, default=64, help="tiles per set in the domain variant")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -186,6 +190,33 @@ def main() -> None:
         "n_boot": args.n_boot,
         "device": "cpu",
         "output": str(out / "eval"),
+    })  # fmt: skip
+    cytosyn("eval", "--config", str(cfg))
+
+    from cytosyn.demo import bundled_slide
+
+    cytosyn("tile", "--input", str(bundled_slide()), "--output", str(out / "skin_tiles"),
+            "grid.tile_px=128", "grid.mpp=0.5", "codec.format=png")  # fmt: skip
+    cfg = write_yaml(out / "pack_skin.yaml", {
+        "output": str(out / "dataset" / "skin"),
+        "inputs": {"tiles": [str(out / "skin_tiles")]},
+        "split": {"ratios": {"skin": 1.0}, "stratify": "none"},
+    })  # fmt: skip
+    cytosyn("pack", "--config", str(cfg))
+    cfg = write_yaml(out / "eval_domain.yaml", {
+        "study": "scoring",
+        "generator": {"kind": "cytosyn", "path": str(release), "steps": 30},
+        "references": {"reference": str(out / "features" / "test"), "others": {"skin": str(out / "dataset" / "skin" / "skin")}},
+        "extractors": ["fid-inception"],
+        "scoring": {"variant": "domain", "times": {"k": args.times}, "calibration_tiles": 64, "min_tiles": 4,
+                    "class_reference": str(out / "features" / "train"), "frechet": True},
+        "n": args.domain_tiles,
+        "seeds": args.seeds,
+        "n_boot": args.n_boot,
+        "kid_subset_size": 10,
+        "kid_subsets": 20,
+        "device": "cpu",
+        "output": str(out / "eval_domain"),
     })  # fmt: skip
     cytosyn("eval", "--config", str(cfg))
     print(f"total {time.perf_counter() - t_start:.0f} s; report {out / 'eval' / 'report.md'}")
