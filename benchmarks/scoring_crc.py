@@ -8,7 +8,8 @@ out of training entirely. Of every other class, the first ~60% of its tiles (sor
 training tiles, the rest test tiles; the training tiles are augmented with their 8 dihedral copies
 (exact for H&E), the test tiles are not.
 
-Steps, each through cytosyn's own verbs: ``ingest`` (128 px at 0.5 mpp: resampled, centre-cropped) →
+Tiles are centre-cropped to 128 px (64 µm at 0.5 µm/px) before ingest. Steps, each through cytosyn's
+own verbs: ``ingest`` (128 px at 0.5 mpp) →
 ``pack`` → ``featurize`` (TAEF2 latents, FID Inception-v3 conditioning embeddings + 8×8 patch tokens for
 REPA) → ``train`` (SiT-S/2 at depth ``--depth`` on CPU) → ``release`` → ``eval`` study ``scoring``
 (variant ``classify``: generative classification of the test tiles of known classes with class
@@ -39,6 +40,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
+TILE_PX = 128
 KATHER_MAP = {
     "01_TUMOR": "TUM",
     "02_STROMA": "STR",
@@ -103,6 +105,8 @@ def prepare_folders(out: Path, holdout: str) -> dict:
         for i, r in enumerate(items):
             stem = Path(r["path"]).stem.replace(".", "_")
             image = Image.open(src / r["path"]).convert("RGB")
+            w, h = image.size  # the central 128 px (64 µm at 0.5 µm/px; Kather 2016's 0.495 is within 1%)
+            image = image.crop(((w - TILE_PX) // 2, (h - TILE_PX) // 2, (w + TILE_PX) // 2, (h + TILE_PX) // 2))
             if i < n_train:
                 folder = raw / "train" / label
                 folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +146,7 @@ def main() -> None:
             "output": str(out / "tiles" / part),
             "inputs": {"folders": [str(out / "raw" / part)]},
             "identity": {"rule": "per_tile", "site": "kather", "project": "crc"},
-            "grid": {"tile_px": 128, "mpp": 0.5, "source_mpp": 0.5, "mismatch": "resample"},
+            "grid": {"tile_px": TILE_PX, "mpp": 0.5, "source_mpp": 0.5, "mismatch": "refuse"},
         })  # fmt: skip
         cytosyn("ingest", "--config", str(cfg))
         cfg = write_yaml(out / f"pack_{part}.yaml", {
@@ -196,7 +200,7 @@ def main() -> None:
     from cytosyn.demo import bundled_slide
 
     cytosyn("tile", "--input", str(bundled_slide()), "--output", str(out / "skin_tiles"),
-            "grid.tile_px=128", "grid.mpp=0.5", "codec.format=png")  # fmt: skip
+            f"grid.tile_px={TILE_PX}", "grid.mpp=0.5", "codec.format=png")  # fmt: skip
     cfg = write_yaml(out / "pack_skin.yaml", {
         "output": str(out / "dataset" / "skin"),
         "inputs": {"tiles": [str(out / "skin_tiles")]},
