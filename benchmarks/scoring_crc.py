@@ -11,7 +11,8 @@ training tiles, the rest test tiles; the training tiles are augmented with their
 Tiles are centre-cropped to 128 px (64 µm at 0.5 µm/px) before ingest. Steps, each through cytosyn's
 own verbs: ``ingest`` (128 px at 0.5 mpp) →
 ``pack`` → ``featurize`` (TAEF2 latents, FID Inception-v3 conditioning embeddings + 8×8 patch tokens for
-REPA) → ``train`` (SiT-S/2 at depth ``--depth`` on CPU) → ``release`` → ``eval`` study ``scoring``
+REPA) → ``train`` (a small SiT: patch 2, ``--depth`` blocks of width ``--hidden``, on CPU) → ``release``
+→ ``eval`` study ``scoring``
 (variant ``classify``: generative classification of the test tiles of known classes with class
 prototypes from the training split, against a linear probe on the same Inception embeddings; anomaly
 AUC of the held-out class against the test tiles of known classes), once per noise seed; then variant
@@ -22,7 +23,7 @@ shift), with the domain study's Fréchet numbers beside the scores.
 Every step is resumable (rerun the same command). Reports: ``<out>/eval/report.md`` (classify) and
 ``<out>/eval_domain/report.md`` (domain).
 
-    python benchmarks/scoring_crc.py --out scoring_crc [--steps 3000] [--depth 6] [--holdout LYM]
+    python benchmarks/scoring_crc.py --out scoring_crc [--steps 2000] [--depth 6] [--hidden 256] [--holdout LYM]
                                      [--times 20] [--seeds 0 1 2]
 """
 
@@ -128,9 +129,10 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("scoring_crc"))
     parser.add_argument("--holdout", default="LYM")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--depth", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--times", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-boot", type=int, default=2000)
@@ -168,10 +170,11 @@ def main() -> None:
         "data": {"train": str(out / "features" / "train"), "val": str(out / "features" / "test"),
                  "condition": "fid-inception-v3", "repa_target": "fid-inception-v3_patch",
                  "batch_size": args.batch, "num_workers": 0, "shuffle_buffer": 512, "mode": "resampled"},
-        "model": {"preset": "SiT-S/2", "overrides": {"depth": args.depth, "repa_depth": 2}},
+        "model": {"preset": "SiT-S/2", "overrides": {"depth": args.depth, "hidden_size": args.hidden,
+                  "num_heads": args.hidden // 64, "repa_depth": 2, "repa_hidden": 512}},
         "diffusion": {"time_sampling": "logit_normal", "sample_posterior": False},
         "repa": {"weight": 0.5},
-        "optim": {"lr": 2e-4, "warmup_steps": 100},
+        "optim": {"lr": 3e-4, "warmup_steps": 100},
         "ema": {"decay": 0.999},
         "trainer": {"max_steps": args.steps, "accelerator": "cpu", "log_every_n_steps": 50,
                     "checkpoint_every_n_steps": 500},
