@@ -45,8 +45,16 @@ from cytosyn.fileio import atomic_write_bytes, atomic_write_text, code_version
 from .conditions import Prototypes, build_conditions, class_prototypes
 from .data import TileSource, open_source
 from .decide import ANOMALY_SCORES, TimeWeights, slide_aggregates
-from .engine import EngineSettings, ScoringError, TileErrors, TimeGrid, error_maps
-from .score import PruningSettings, ScoringPlan, TileScores, calibrate, concat_errors, decide, score_batch
+from .engine import Condition, EngineSettings, ScoringError, TileErrors, TimeGrid, error_maps
+from .score import (
+    PruningSettings,
+    ScoringPlan,
+    TileScores,
+    calibrate,
+    concat_errors,
+    decide,
+    score_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -278,11 +286,11 @@ def _load_unit(output: Path, name: str) -> tuple[list[str], TileErrors]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def prepare_plan(
+def prepare_conditions(
     cfg: ScoreConfig, pipe: Any, source: TileSource
-) -> tuple[ScoringPlan, Prototypes | None, int]:
-    """Conditions, times, weighting and pruning of a run (every bad setting refused here, before scoring).
-    Returns the plan, the prototypes (if any) and the NFE spent on calibration."""
+) -> tuple[list[Condition], EngineSettings, PruningSettings | None, Prototypes | None]:
+    """Conditions (class prototypes read here), times and pruning of a run: every bad setting is refused
+    here, before any network evaluation."""
     grid = cfg.times.grid()
     engine = EngineSettings(
         grid, seed=cfg.noise_seed, mask_fraction=cfg.mask_fraction, batch_size=cfg.batch_size
@@ -297,14 +305,21 @@ def prepare_plan(
         if cfg.pruning.enabled
         else None
     )
-    weights = _given_weights(cfg, grid)
-    nfe = 0
-    if weights is None:
-        weights, nfe = calibrate(
-            pipe, source.iter_all(), conditions, engine, cfg.weighting.calibration_tiles, cfg.weighting.degree,
-            cfg.weighting.condition, cfg.tiles_per_batch,
-        )  # fmt: skip
-    return ScoringPlan(conditions, engine, weights, pruning, cfg.margin_k), protos, nfe
+    _given_weights(cfg, grid)  # a weights file that does not fit is refused now
+    return conditions, engine, pruning, protos
+
+
+def prepare_weights(
+    cfg: ScoreConfig, pipe: Any, source: TileSource, conditions: list[Condition], engine: EngineSettings
+) -> tuple[TimeWeights, int]:
+    """The per-time weighting (given, uniform, or fitted on calibration tiles) and the NFE it cost."""
+    weights = _given_weights(cfg, engine.grid)
+    if weights is not None:
+        return weights, 0
+    return calibrate(
+        pipe, source.iter_all(), conditions, engine, cfg.weighting.calibration_tiles, cfg.weighting.degree,
+        cfg.weighting.condition, cfg.tiles_per_batch,
+    )  # fmt: skip
 
 
 def run_score(cfg: ScoreConfig) -> ScoreSummary:
@@ -333,26 +348,23 @@ def run_score(cfg: ScoreConfig) -> ScoreSummary:
             "name": pipe.name,
             "weights_sha256": pipe.weights_sha256,
             "precision": pipe._precision_name(),
+            "adapter": json.loads(json.dumps(getattr(pipe, "adapter", None), default=str)),
         },
         "input": {"kind": source.kind, "units": [[u.name, u.count, u.sha256] for u in source.units]},
         "format": SCORE_FORMAT,
     }
-    reuse = None
-    run_cfg = cfg
-    if (output / "settings.json").is_file() and weights_file.is_file() and cfg.weighting.mode == "fit":
-        reuse = json.loads(weights_file.read_text())  # resume: the calibration is not redone
-        run_cfg = cfg.model_copy(deep=True)
-        run_cfg.weighting.mode = "from"
-        run_cfg.weighting.source = weights_file
-    plan, protos, summary.calibration_nfe = prepare_plan(run_cfg, pipe, source)
-    if reuse is not None:
-        plan.weights.method = reuse.get("method", "fit")
-    settings["conditions_resolved"] = [c.describe() for c in plan.conditions]
+    conditions, engine, pruning, protos = prepare_conditions(cfg, pipe, source)
+    settings["conditions_resolved"] = [c.describe() for c in conditions]
     digest = config_hash(settings)
     guard_output_settings(output, output / "settings.json", settings, digest, "scores")
     write_resolved_config(cfg, output / "config.yaml")
-    if reuse is None:
-        atomic_write_text(weights_file, json.dumps(plan.weights.describe(), indent=1) + "\n")
+    if cfg.weighting.mode == "fit" and weights_file.is_file():  # resume: the calibration is not redone
+        weights = TimeWeights.from_dict(json.loads(weights_file.read_text()))
+        weights.check(engine.grid.values)
+    else:
+        weights, summary.calibration_nfe = prepare_weights(cfg, pipe, source, conditions, engine)
+        atomic_write_text(weights_file, json.dumps(weights.describe(), indent=1) + "\n")
+    plan = ScoringPlan(conditions, engine, weights, pruning, cfg.margin_k)
     if protos is not None and not (output / "conditions.npz").is_file():
         import io
 
