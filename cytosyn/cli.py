@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from cytosyn.config import ConfigError, load_config
+from cytosyn.logs import setup_logging
 
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_OUTPUT = 0, 1, 3, 4
 
@@ -119,7 +121,9 @@ def _cmd_release(args: argparse.Namespace) -> int:
     from cytosyn.pipeline import PipelineError
     from cytosyn.release import ReleaseConfig, run_release_config
 
-    overrides = _overrides(args, {"checkpoint": "checkpoint", "output": "output", "eval_report": "eval_report"})
+    overrides = _overrides(
+        args, {"checkpoint": "checkpoint", "output": "output", "eval_report": "eval_report"}
+    )
     if args.overwrite:
         overrides.append("overwrite=true")
     cfg = load_config(ReleaseConfig, args.config, overrides)
@@ -138,7 +142,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"output": "output"})
     cfg = load_config(EvalConfig, args.config, overrides)
     out = run_eval(cfg)
-    print(f"eval report: {out / 'report.md'}")
+    print(
+        f"eval report: {out / 'report.html'} (markdown {out / 'report.md'}, numbers {out / 'metrics.json'})"
+    )
     return EXIT_OK
 
 
@@ -166,6 +172,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cytosyn", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action=_VersionAction, help="the code version (git describe) and exit")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     tile = verbs.add_parser("tile", help="whole-slide images → per-slide webdataset tile shards")
@@ -263,20 +270,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: computed only when asked (it runs ``git describe``)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from cytosyn.fileio import code_version
+
+        print(f"cytosyn {code_version()}")
+        parser.exit()
+
+
+_EXIT_WORDS = {
+    EXIT_OK: "done",
+    EXIT_ERROR: "failed",
+    EXIT_PARTIAL: "partly failed",
+    EXIT_OUTPUT: "stopped",
+    75: "preempted (requeue)",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
+    start = time.perf_counter()
     try:
-        return args.func(args)
+        code = args.func(args)
     except ConfigError as err:
         print(f"cytosyn {args.verb}: {err}", file=sys.stderr)
-        return EXIT_ERROR
+        code = EXIT_ERROR
     except (FileNotFoundError, ValueError) as err:
         print(f"cytosyn {args.verb}: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+        code = EXIT_ERROR
+    word = _EXIT_WORDS.get(code, "exited")
+    logging.getLogger("cytosyn").info(
+        "cytosyn %s %s in %.1f s (exit %d)", args.verb, word, time.perf_counter() - start, code
+    )
+    return code
 
 
 if __name__ == "__main__":

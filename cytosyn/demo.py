@@ -98,7 +98,7 @@ def run_demo(output: Path, workers: int = 1, train_steps: int = 100) -> int:
     release = _release_and_sample(output, run_dir)
     report = _evaluate(output, release)
     print(f"demo done under {output}: tiles/, dataset/, features/, run/, release/, synthetic/, eval/")
-    print(f"  look at: {report / 'report.md'}, {output / 'synthetic' / 'grid.png'}, {run_dir / 'samples'}")
+    print(f"  look at: {report / 'report.html'}, {output / 'synthetic' / 'grid.png'}, {run_dir / 'samples'}")
     return 0
 
 
@@ -156,7 +156,7 @@ def _evaluate(output: Path, release: Path) -> Path:
         },
     )
     report = run_eval(cfg)
-    print(f"  report: {report / 'report.md'}")
+    print(f"  report: {report / 'report.html'} (and report.md)")
     return report
 
 

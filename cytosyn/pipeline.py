@@ -9,9 +9,10 @@ Two ways in, one model inside:
 
 - :meth:`CytoSynPipeline.from_checkpoint`: a training checkpoint (Lightning ``.ckpt`` file, a run folder,
   or a DeepSpeed checkpoint folder, consolidated when DeepSpeed is importable);
-- :meth:`CytoSynPipeline.from_pretrained`: a release folder (``model.safetensors`` + ``config.json`` +
-  ``README.md`` + ``SHA256SUMS``, see :mod:`cytosyn.release`), every file checked against ``SHA256SUMS``
-  before anything is read.
+- :meth:`CytoSynPipeline.from_pretrained`: a release folder (a diffusers pipeline folder plus
+  ``config.json``, ``README.md`` and ``SHA256SUMS``, see :mod:`cytosyn.diffusers_pipeline` and
+  :mod:`cytosyn.release`), every file checked against ``SHA256SUMS`` before anything is read. The same
+  folder loads with diffusers' ``DiffusionPipeline.from_pretrained`` and samples identically.
 
 Both build the model from the same ``(config, state)`` pair (:func:`parts_from_checkpoint` makes it from a
 checkpoint; a release stores exactly that pair), so a release samples bit for bit like its checkpoint.
@@ -38,18 +39,24 @@ from torch import Tensor
 
 from cytosyn.config import ConfigError, build_config
 from cytosyn.diffusion.flow import BatchNormLatentNorm, FixedLatentNorm, LatentNorm
-from cytosyn.fileio import atomic_write_bytes, atomic_write_text, sha256_file
+from cytosyn.fileio import sha256_file
 from cytosyn.models.sit import SiT, SiTConfig
 from cytosyn.sampling.samplers import SamplerConfig, sample, sampler_preset
 
 log = logging.getLogger(__name__)
 
-RELEASE_FORMAT = "cytosyn.release/1"
-MODEL_FILE = "model.safetensors"
+RELEASE_FORMAT = "cytosyn.release/2"  # a diffusers pipeline folder (see cytosyn.diffusers_pipeline)
+READABLE_FORMATS = (
+    "cytosyn.release/1",
+    RELEASE_FORMAT,
+)  # /1: model.safetensors at the top, no diffusers files
+MODEL_FILE = "transformer/diffusion_pytorch_model.safetensors"
+LEGACY_MODEL_FILE = "model.safetensors"  # format /1
 CONFIG_FILE = "config.json"
 README_FILE = "README.md"
 SUMS_FILE = "SHA256SUMS"
-RELEASE_FILES = (MODEL_FILE, CONFIG_FILE, README_FILE)
+MODEL_INDEX_FILE = "model_index.json"
+LEGACY_RELEASE_FILES = (LEGACY_MODEL_FILE, CONFIG_FILE, README_FILE)
 
 DEFAULT_MPP = 0.5  # DESIGN.md's default tile (224 px at 0.5 mpp); used only when a release does not know
 
@@ -386,27 +393,18 @@ def _vae_info(name: str | None, weights: str | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _json_text(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
-
-
 def write_release_files(
-    folder: Path, config: Mapping[str, Any], state: Mapping[str, Tensor], readme: str
+    folder: Path,
+    config: Mapping[str, Any],
+    state: Mapping[str, Tensor],
+    readme: str,
+    vae: Any = None,
 ) -> Path:
-    """Write ``model.safetensors``, ``config.json``, ``README.md`` and (last) ``SHA256SUMS`` into ``folder``."""
-    from safetensors.torch import save
+    """Write a release folder (the diffusers layout of :mod:`cytosyn.diffusers_pipeline`, ``SHA256SUMS``
+    last). ``vae``: a ``LatentVAE`` to bundle under ``vae/`` (default: referenced by name and hash)."""
+    from cytosyn.diffusers_pipeline import write_diffusers_layout
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(state.items())}
-    # One metadata entry only: safetensors writes metadata from a hash map, in no fixed order.
-    blob = save(tensors, metadata={"format": "pt"})
-    atomic_write_bytes(folder / MODEL_FILE, blob)
-    atomic_write_text(folder / CONFIG_FILE, _json_text(config))
-    atomic_write_text(folder / README_FILE, readme)
-    lines = [f"{sha256_file(folder / name)}  {name}" for name in sorted(RELEASE_FILES)]
-    atomic_write_text(folder / SUMS_FILE, "\n".join(lines) + "\n")
-    return folder
+    return write_diffusers_layout(Path(folder), config, state, readme, vae=vae)
 
 
 def read_sums(folder: Path) -> dict[str, str]:
@@ -424,26 +422,36 @@ def read_sums(folder: Path) -> dict[str, str]:
         if match is None:
             raise ReleaseIntegrityError(f"{path}, line {number}: not '<sha256>  <file>': {line!r}")
         name = match.group(2)
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
+        parts = name.split("/")
+        if "\\" in name or name.startswith("/") or any(part in ("", ".", "..") for part in parts):
             raise ReleaseIntegrityError(
-                f"{path}, line {number}: file names must be plain names, got {name!r}"
+                f"{path}, line {number}: file names must be relative paths inside the folder, got {name!r}"
             )
         sums[name] = match.group(1)
     return sums
+
+
+def required_files(sums: Mapping[str, str]) -> list[str]:
+    """The files a release must list: the diffusers layout (format /2) or the legacy trio (format /1)."""
+    if MODEL_INDEX_FILE in sums or LEGACY_MODEL_FILE not in sums:
+        from cytosyn.diffusers_pipeline import layout_files
+
+        return layout_files(bundle_vae="vae/config.json" in sums)
+    return list(LEGACY_RELEASE_FILES)
 
 
 def verify_release(folder: str | Path) -> dict[str, str]:
     """Check every file of a release folder against ``SHA256SUMS``; returns ``{file: sha256}``.
 
     Refuses (:class:`ReleaseIntegrityError`) a folder without ``SHA256SUMS``, a listed file that is
-    missing or whose hash differs, and a required file (model.safetensors, config.json, README.md) that is
-    not listed. Files present but not listed are ignored (with a warning): they are not part of the release.
+    missing or whose hash differs, and a required file (:func:`required_files`) that is not listed.
+    Files present but not listed are ignored (with a warning): they are not part of the release.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ReleaseIntegrityError(f"release folder {folder} does not exist")
     sums = read_sums(folder)
-    unlisted = [n for n in RELEASE_FILES if n not in sums]
+    unlisted = [n for n in required_files(sums) if n not in sums]
     if unlisted:
         raise ReleaseIntegrityError(
             f"{folder}/{SUMS_FILE} does not list {', '.join(unlisted)}: incomplete release"
@@ -460,7 +468,9 @@ def verify_release(folder: str | Path) -> dict[str, str]:
             f"corrupted download); refusing to load it"
         )
     extra = sorted(
-        p.name for p in folder.iterdir() if p.is_file() and p.name not in sums and p.name != SUMS_FILE
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).as_posix() not in sums and p.name != SUMS_FILE
     )
     if extra:
         log.warning("release %s: files not listed in %s are ignored: %s", folder, SUMS_FILE, ", ".join(extra))
@@ -484,8 +494,9 @@ class CytoSynPipeline:
     def __init__(
         self,
         config: Mapping[str, Any],
-        state: Mapping[str, Tensor],
+        state: Mapping[str, Tensor] | None,
         *,
+        modules: tuple[SiT, LatentNorm] | None = None,
         device: str | torch.device | None = "auto",
         dtype: str = "auto",
         vae: Any | None = None,
@@ -495,8 +506,8 @@ class CytoSynPipeline:
         model_card: str | None = None,
         source: str | None = None,
     ):
-        if config.get("format") != RELEASE_FORMAT:
-            raise PipelineError(f"config format {config.get('format')!r} is not {RELEASE_FORMAT!r}")
+        if config.get("format") not in READABLE_FORMATS:
+            raise PipelineError(f"config format {config.get('format')!r} is not one of {READABLE_FORMATS}")
         if dtype not in ("auto", "fp32", "bf16"):
             raise PipelineError(f"dtype must be 'auto', 'fp32' or 'bf16', got {dtype!r}")
         self.config: dict[str, Any] = json.loads(json.dumps(config))
@@ -504,6 +515,26 @@ class CytoSynPipeline:
         self.dtype = dtype
         self.source = source
         self.model_card = model_card
+        if modules is not None:  # adopt built modules (the diffusers components), weights realigned in place
+            from cytosyn.diffusers_pipeline import realign_
+
+            model, norm = modules
+            realign_(model)
+            realign_(norm)
+        elif state is None:
+            raise PipelineError("give the weights (state) or the built modules")
+        else:
+            model, norm = self._build(state)
+        self.model: SiT = model.eval().requires_grad_(False).to(self.device)
+        self.latent_norm: LatentNorm = norm.eval().requires_grad_(False).to(self.device)
+        self._state_sha: str | None = None
+        self._vae = vae
+        self._vae_weights = vae_weights
+        self._encoder = encoder
+        self._encoder_weights = encoder_weights
+
+    def _build(self, state: Mapping[str, Tensor]) -> tuple[SiT, LatentNorm]:
+        """The SiT and latent normalisation of ``config`` with ``state``'s weights (fresh copies)."""
         sit_cfg = SiTConfig.model_validate(self.config["sit"])
         with torch.device("meta"):
             model = SiT(sit_cfg)
@@ -524,13 +555,7 @@ class CytoSynPipeline:
             norm.load_state_dict(norm_state, strict=True)
         except RuntimeError as err:
             raise PipelineError(f"the weights do not fit the architecture in config.json: {err}") from None
-        self.model: SiT = model.eval().requires_grad_(False).to(self.device)
-        self.latent_norm: LatentNorm = norm.eval().requires_grad_(False).to(self.device)
-        self._state_sha: str | None = None
-        self._vae = vae
-        self._vae_weights = vae_weights
-        self._encoder = encoder
-        self._encoder_weights = encoder_weights
+        return model, norm
 
     # ---- constructors ------------------------------------------------------------------------------
 
@@ -578,11 +603,15 @@ class CytoSynPipeline:
             config = json.loads((folder / CONFIG_FILE).read_text())
         except json.JSONDecodeError as err:
             raise PipelineError(f"{folder / CONFIG_FILE} is not valid JSON: {err}") from None
-        if config.get("format") != RELEASE_FORMAT:
+        if config.get("format") not in READABLE_FORMATS:
             raise PipelineError(
-                f"{folder / CONFIG_FILE} has format {config.get('format')!r}; this cytosyn reads {RELEASE_FORMAT!r}"
+                f"{folder / CONFIG_FILE} has format {config.get('format')!r}; this cytosyn reads {READABLE_FORMATS}"
             )
-        state = load_file(str(folder / MODEL_FILE))
+        weights_file = (config.get("weights") or {}).get("file") or LEGACY_MODEL_FILE
+        state = load_file(str(folder / weights_file))
+        bundled = (config.get("vae") or {}).get("bundled")
+        if bundled and vae_weights is None:
+            vae_weights = folder / bundled["folder"]
         return cls(
             config,
             state,
@@ -600,14 +629,21 @@ class CytoSynPipeline:
         out |= {f"latent_norm.{k}": v.detach().cpu() for k, v in self.latent_norm.state_dict().items()}
         return out
 
-    def save_pretrained(self, folder: str | Path, model_card: str | None = None) -> Path:
-        """Write this pipeline as a release folder (model.safetensors, config.json, README.md, SHA256SUMS)."""
+    def save_pretrained(
+        self, folder: str | Path, model_card: str | None = None, *, bundle_vae: bool = False
+    ) -> Path:
+        """Write this pipeline as a release folder (the diffusers layout, config.json, README.md, SHA256SUMS);
+        ``bundle_vae`` saves the autoencoder under ``vae/`` (a diffusers AutoencoderKL) instead of referencing it."""
         card = model_card or self.model_card
         if card is None:
             from cytosyn.release import render_model_card
 
             card = render_model_card(self.config)
-        return write_release_files(Path(folder), self.config, self.state_dict(), card)
+        config = dict(self.config)
+        if not bundle_vae:
+            config["vae"] = {k: v for k, v in (config.get("vae") or {}).items() if k != "bundled"}
+        vae = self.vae if bundle_vae else None
+        return write_release_files(Path(folder), config, self.state_dict(), card, vae=vae)
 
     # ---- identity ------------------------------------------------------------------------------------
 
@@ -673,8 +709,12 @@ class CytoSynPipeline:
             from cytosyn.models.vae import VAEError, load_vae_as_recorded
 
             info = self.config.get("vae") or {}
+            bundled = info.get("bundled")
             try:
-                vae = load_vae_as_recorded(info.get("name"), info.get("weights"), self._vae_weights)
+                if bundled and self._vae_weights is not None:  # the copy in the release's vae/ folder
+                    vae = load_vae_as_recorded(info.get("name"), bundled["weights"], self._vae_weights)
+                else:
+                    vae = load_vae_as_recorded(info.get("name"), info.get("weights"), self._vae_weights)
             except VAEError as err:
                 raise PipelineError(f"cannot load the model's VAE: {err}") from None
             self._vae = vae.to(self.device)
@@ -938,7 +978,9 @@ def load_pipeline(path: str | Path, **kwargs: Any) -> CytoSynPipeline:
 
 __all__ = [
     "CONFIG_FILE",
+    "LEGACY_MODEL_FILE",
     "MODEL_FILE",
+    "READABLE_FORMATS",
     "README_FILE",
     "RELEASE_FORMAT",
     "SUMS_FILE",
@@ -950,6 +992,7 @@ __all__ = [
     "load_pipeline",
     "load_training_checkpoint",
     "parts_from_checkpoint",
+    "required_files",
     "verify_release",
     "write_release_files",
 ]

@@ -1,15 +1,18 @@
 """``cytosyn release``: a training checkpoint → a release folder a stranger can load without our pickles.
 
-Release folder (DESIGN.md "Release folder")::
+Release folder (DESIGN.md "Release folder"): a diffusers pipeline folder (see
+:mod:`cytosyn.diffusers_pipeline` for the layout) plus
 
-    model.safetensors   EMA SiT weights (``model.*``, REPA projector dropped) + latent-norm buffers
-                        (``latent_norm.*``); fp32, no pickles
     config.json         SiT config, latent channels/size/statistics, tile px and mpp, sampler defaults,
                         conditioning encoder id + preprocessing, VAE id + weights hash, training summary,
                         data summary, evaluation metrics (when an eval report is given)
-    README.md           the model card: data, training settings, eval table, intended use, limitations,
-                        licences
-    SHA256SUMS          sha256 of the three files above (``sha256sum -c SHA256SUMS`` checks them too)
+    README.md           the model card: hub metadata (licence, pipeline tag, base model, datasets,
+                        model-index), data, training settings, eval table with CIs and provenance,
+                        intended use, limitations, components and their licences
+    SHA256SUMS          sha256 of every file (``sha256sum -c SHA256SUMS`` checks them too)
+
+The EMA SiT weights (``model.*``, REPA projector dropped) and latent-norm buffers (``latent_norm.*``)
+are in ``transformer/diffusion_pytorch_model.safetensors`` (fp32, no pickles).
 
 :meth:`cytosyn.pipeline.CytoSynPipeline.from_pretrained` verifies every hash before reading anything and
 builds the model from exactly the ``(config, state)`` pair :meth:`~cytosyn.pipeline.CytoSynPipeline.from_checkpoint`
@@ -35,6 +38,7 @@ from cytosyn.fileio import code_version, sha256_file
 from cytosyn.pipeline import (
     CONFIG_FILE,
     MODEL_FILE,
+    MODEL_INDEX_FILE,
     README_FILE,
     SUMS_FILE,
     CytoSynPipeline,
@@ -67,6 +71,14 @@ class ReleaseConfig(StrictModel):
     unconditional_sampler: str = "unconditional_default"
     guidance_scale: float | None = None  # replaces the conditional preset's guidance scale
     mpp: float | None = None  # tile mpp when the training data cannot be read (else read from it)
+    bundle_vae: bool = False  # save the autoencoder under vae/ (needs its weights: vae_weights)
+    vae_weights: Path | None = None  # local weights of the VAE (to bundle it; must match the recorded hash)
+    # hub metadata of the model card (README.md's YAML header)
+    license: str = "other"  # an SPDX id of the weights' licence, or "other" with license_name
+    license_name: str = "unspecified"  # used when license is "other": name it before publishing
+    license_link: str | None = None
+    base_model: str | None = None  # the hub id this model was fine-tuned from, if any
+    datasets: list[str] = []  # hub dataset ids of the training data, if any
     overwrite: bool = False
 
 
@@ -166,7 +178,40 @@ def read_eval_report(path: Path) -> dict[str, Any]:
         "title": doc.get("title"),
         "created": doc.get("created"),
         "metrics": metrics,
+        "intervals": _eval_intervals(doc),
+        "provenance": _eval_provenance(doc),
         "jpeg_study": bool(doc.get("jpeg_study")),
+    }
+
+
+def _eval_intervals(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """metric → {estimate, low, high}: the 95% bootstrap CIs an eval report records (``intervals``)."""
+    intervals = doc.get("intervals") or {}
+    return {
+        k: v for k, v in intervals.items() if isinstance(v, dict) and {"estimate", "low", "high"} <= set(v)
+    }
+
+
+def _eval_provenance(doc: dict[str, Any]) -> dict[str, Any]:
+    """What an eval report's numbers were measured on: study, seeds, references, extractors, versions."""
+    prov = doc.get("provenance") or {}
+    refs = prov.get("references") or {}
+    return {
+        "study": doc.get("study"),
+        "seeds": doc.get("seeds"),
+        "config_hash": prov.get("config_hash"),
+        "code_version": (doc.get("environment") or {}).get("cytosyn_code_version"),
+        "references": {
+            role: f"{r.get('source')} ({r.get('n_used', r.get('count'))} tiles, {r.get('codec_label')}, "
+            f"{r.get('fov_um')} µm)"
+            for role, r in refs.items()
+            if isinstance(r, dict)
+        },
+        "extractors": {
+            name: (e.get("metadata") or {}).get("weights")
+            for name, e in (prov.get("extractors") or {}).items()
+            if isinstance(e, dict)
+        },
     }
 
 
@@ -210,15 +255,8 @@ def render_model_card(config: dict[str, Any]) -> str:
     evaluation = config.get("evaluation")
     samplers = config.get("sampler") or {}
     name = config.get("name", "cytosyn model")
-    licences = sorted({x for x in (cond.get("licence"), vae.get("licence")) if x})
-
-    lines = [
-        "---",
-        "library_name: cytosyn",
-        "license: other",
-        "tags: [histopathology, H&E, latent-diffusion, SiT, flow-matching]",
-        "---",
-        "",
+    lines = [*_hub_metadata(config), ""]
+    lines += [
         f"# {name}",
         "",
         f"A cytosyn latent-diffusion model for H&E tiles: a {sit.get('preset') or 'SiT'} denoiser "
@@ -244,17 +282,38 @@ def render_model_card(config: dict[str, Any]) -> str:
     lines += [
         "## Usage",
         "",
+        "This folder is a diffusers pipeline (`pip install cytosyn`, which brings diffusers):",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "",
+        'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", custom_pipeline="path/to/this/folder",',
+        "                                         trust_remote_code=True)  # pipeline.py only imports cytosyn",
+        "images = pipe(embeddings, seed=0).images                   # PIL tiles, one per embedding row",
+        "images = pipe(tiles=reference_uint8_tiles, seed=0).images  # more like these",
+        "images = pipe(num_images=16, seed=0).images                # unconditional",
+        "```",
+        "",
+        "or, without remote code, `from cytosyn.diffusers_pipeline import CytoSynDiffusionPipeline` and "
+        "`CytoSynDiffusionPipeline.from_pretrained(folder)`; or cytosyn's own API (the same samples, bit for bit):",
+        "",
         "```python",
         "from cytosyn.pipeline import CytoSynPipeline",
         "",
-        'pipe = CytoSynPipeline.from_pretrained("path/to/this/folder", vae_weights="path/to/vae")  # checks SHA256SUMS',
+        'pipe = CytoSynPipeline.from_pretrained("path/to/this/folder")  # checks SHA256SUMS',
         "tiles = pipe.generate_from_tiles(reference_tiles, seed=0)        # uint8 (N, H, W, 3), more like these",
         "tiles = pipe.generate(embeddings, seed=0)                          # from precomputed embeddings",
         "tiles = pipe.generate(None, num_images=16, seed=0)                 # unconditional",
         'tiles = pipe.generate(embeddings, sampler="fast_heun_30")           # 60 model calls instead of 250',
         "```",
         "",
-        "Command line: `cytosyn sample model=<this folder> split=<featurized split> output=<folder>`.",
+        "Command line: `cytosyn sample model=<this folder> split=<featurized split> output=<folder>`. "
+        + (
+            "The autoencoder is bundled in `vae/`."
+            if vae.get("bundled")
+            else "The autoencoder is referenced, not bundled: pass its local weights as `vae_weights=` "
+            "(its sha256 must match the one below) or a loaded one as `vae=`."
+        ),
         "",
         "## Model",
         "",
@@ -289,6 +348,7 @@ def render_model_card(config: dict[str, Any]) -> str:
         )  # fmt: skip
     lines += [*_table(["mode", "method", "steps", "t_end", "guidance", "guidance interval"], srows), ""]
 
+    lines += _components_section(cond, vae)
     lines += ["## Training data", ""]
     if data:
         lines += [
@@ -350,8 +410,30 @@ def render_model_card(config: dict[str, Any]) -> str:
             + "). References are held-out-patient tiles unless the report says otherwise.",
             "",
         ]
-        lines += _table(["metric", "value"], [[f"`{k}`", _fmt(v)] for k, v in evaluation["metrics"].items()])
+        intervals = evaluation.get("intervals") or {}
+        rows = [
+            [f"`{k}`", _fmt(v), _fmt(intervals[k]) if k in intervals else "—"]
+            for k, v in evaluation["metrics"].items()
+        ]
+        lines += _table(["metric", "value", "95% bootstrap CI"], rows)
         lines += [""]
+        prov = evaluation.get("provenance") or {}
+        if any(prov.values()):
+            prow = [["study", prov.get("study")], ["seeds", prov.get("seeds")]]
+            prow += [[f"reference {r}", v] for r, v in (prov.get("references") or {}).items()]
+            prow += [
+                [f"extractor `{n}`", f"weights `{w}`"] for n, w in (prov.get("extractors") or {}).items()
+            ]
+            prow += [
+                ["eval config hash", prov.get("config_hash")],
+                ["eval code version", prov.get("code_version")],
+            ]
+            lines += [
+                "Provenance of these numbers:",
+                "",
+                *_table(["", ""], [[a, _fmt(b)] for a, b in prow]),
+                "",
+            ]
     else:
         lines += [
             "No evaluation report was given when this release was made (`cytosyn release eval_report=...`).",
@@ -396,18 +478,105 @@ def render_model_card(config: dict[str, Any]) -> str:
             "Precomputed embeddings can be passed to `generate` directly; a model trained on an open encoder "
             "(e.g. dinov2-vitb14) avoids the gate."
         )
-    if licences:
-        lines.append(f"Component licences: {'; '.join(licences)}.")
+    hub = config.get("hub") or {}
+    lines.append(
+        f"Weights licence: `{hub.get('license', 'other')}`"
+        + (f" ({hub.get('license_name')})" if hub.get("license", "other") == "other" else "")
+        + ". The autoencoder and the conditioning encoder keep their own licences (Components above)."
+    )
     lines += [
         "",
         "## Files",
         "",
-        f"`{MODEL_FILE}` (weights, safetensors), `{CONFIG_FILE}` (everything needed to rebuild the model), "
-        f"`{README_FILE}` (this card), `{SUMS_FILE}` (sha256 of each; `sha256sum -c {SUMS_FILE}` checks them, "
-        "and `CytoSynPipeline.from_pretrained` refuses a folder where any differs).",
+        f"`{MODEL_INDEX_FILE}`, `pipeline.py`, `transformer/`, `scheduler/`"
+        + (", `vae/`" if vae.get("bundled") else "")
+        + f" (the diffusers pipeline; weights in `{MODEL_FILE}`, safetensors), `{CONFIG_FILE}` (everything "
+        f"needed to rebuild the model), `{README_FILE}` (this card), `{SUMS_FILE}` (sha256 of each; "
+        f"`sha256sum -c {SUMS_FILE}` checks them, and every loader refuses a folder where any differs).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _hub_metadata(config: dict[str, Any]) -> list[str]:
+    """The model card's YAML header: the fields the hub reads (licence, pipeline tag, base model,
+    datasets, tags, model-index with the evaluation numbers)."""
+    import yaml
+
+    hub = config.get("hub") or {}
+    meta: dict[str, Any] = {
+        "library_name": "diffusers",
+        "pipeline_tag": "unconditional-image-generation",
+        "license": hub.get("license", "other"),
+    }
+    if meta["license"] == "other":
+        meta["license_name"] = hub.get("license_name") or "unspecified"
+        if hub.get("license_link"):
+            meta["license_link"] = hub["license_link"]
+    if hub.get("base_model"):
+        meta["base_model"] = hub["base_model"]
+    if hub.get("datasets"):
+        meta["datasets"] = list(hub["datasets"])
+    meta["tags"] = ["cytosyn", "histopathology", "H&E", "latent-diffusion", "SiT", "flow-matching"]
+    evaluation = config.get("evaluation") or {}
+    numbers = {
+        k: float(v)
+        for k, v in (evaluation.get("metrics") or {}).items()
+        if isinstance(v, (int, float)) and v == v
+    }
+    if numbers:
+        prov = evaluation.get("provenance") or {}
+        meta["model-index"] = [
+            {
+                "name": config.get("name", "cytosyn"),
+                "results": [
+                    {
+                        "task": {"type": "unconditional-image-generation"},
+                        "dataset": {
+                            "name": f"held-out tiles ({prov.get('study') or 'eval'} study)",
+                            "type": "custom",
+                        },
+                        "metrics": [
+                            {"type": k.split("/")[0], "name": k, "value": round(v, 6)}
+                            for k, v in numbers.items()
+                        ],
+                    }
+                ],
+            }
+        ]
+    return ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n"), "---"]
+
+
+def _components_section(cond: dict[str, Any], vae: dict[str, Any]) -> list[str]:
+    """Autoencoder and conditioning encoder: identity, weights hash, how they travel, licence."""
+    bundled = vae.get("bundled")
+    rows = [
+        [
+            "autoencoder",
+            f"`{vae.get('name')}`",
+            vae.get("hub_id") or "local / registry",
+            f"`{(bundled.get('weights') if isinstance(bundled, dict) else None) or vae.get('weights')}`",
+            "bundled in `vae/`" if bundled else "referenced (name + weights hash)",
+            vae.get("licence") or "see its source",
+        ]
+    ]
+    if cond:
+        rows.append(
+            [
+                "conditioning encoder",
+                f"`{cond.get('encoder')}` ({cond.get('output')}, {cond.get('embed_dim')}-d)",
+                cond.get("hub_id") or "local / registry",
+                f"`{cond.get('weights')}`",
+                "referenced (embed reference tiles with it)" + (", **gated**" if cond.get("gated") else ""),
+                cond.get("licence") or "see its source",
+            ]
+        )
+    return [
+        "## Components",
+        "",
+        *_table(["role", "model", "source", "weights", "in this release", "licence"], rows),
+        "",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -437,6 +606,9 @@ def run_release(
     unconditional_sampler: str = "unconditional_default",
     guidance_scale: float | None = None,
     mpp: float | None = None,
+    bundle_vae: bool = False,
+    vae_weights: Path | None = None,
+    hub: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> ReleaseSummary:
     """Write the release folder of ``checkpoint`` into ``output`` (see the module docstring)."""
@@ -501,9 +673,15 @@ def run_release(
         config["training"]["checkpoint"] = {"file": source.name, "sha256": ckpt_sha}
         config["data"] = data
         config["evaluation"] = evaluation
+        config["hub"] = hub or {}
         config["release"] = {"code_version": code_version(), "format": config["format"]}
-        readme = render_model_card(config)
-        write_release_files(partial, config, state, readme)
+        vae = None
+        if bundle_vae:
+            from cytosyn.models.vae import load_vae_as_recorded
+
+            vae = load_vae_as_recorded(config["vae"].get("name"), config["vae"].get("weights"), vae_weights)
+        readme = render_model_card(config | {"vae": config["vae"] | ({"bundled": True} if vae else {})})
+        write_release_files(partial, config, state, readme, vae=vae)
         # Prove the folder loads (hashes, config, weights) before it gets its final name.
         CytoSynPipeline.from_pretrained(partial, device="cpu")
         if output.exists():
@@ -527,7 +705,9 @@ def run_release(
 
 def run_release_config(cfg: ReleaseConfig) -> ReleaseSummary:
     """``run_release`` with the settings of a validated :class:`ReleaseConfig` (what the CLI calls)."""
-    return run_release(**cfg.model_dump())
+    settings = cfg.model_dump()
+    hub = {k: settings.pop(k) for k in ("license", "license_name", "license_link", "base_model", "datasets")}
+    return run_release(**settings, hub=hub)
 
 
 __all__ = [

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 from cytosyn.config import (
@@ -44,7 +45,7 @@ from cytosyn.config import (
     write_resolved_config,
 )
 from cytosyn.data_prep.codec import CodecConfig, TileEncoder
-from cytosyn.fileio import atomic_write_bytes, atomic_write_text, code_version, sha256_file
+from cytosyn.fileio import atomic_write_text, code_version, sha256_file
 from cytosyn.manifest import ManifestError, SplitManifest, read_manifest, write_manifest
 from cytosyn.shardio import ShardWriter, iter_shard_samples
 
@@ -70,8 +71,6 @@ _REFERENCE_FIELDS = (
 
 class SampleError(RuntimeError):
     """A sampling run that cannot go on; the message says which input or setting is at fault."""
-
-
 
 
 class SamplerSettings(StrictModel):
@@ -478,7 +477,11 @@ def run_sample(cfg: SampleConfig) -> SampleSummary:
     summary.seconds = time.perf_counter() - t0
     summary.manifest_written = _finish_if_complete(cfg, plan, settings, settings_hash, inputs, manifest_in)
     if summary.manifest_written and cfg.grid_size > 0:
-        summary.grid = write_grid(output, cfg.grid_size, reader)
+        random = any(
+            str((pipe.config.get(part) or {}).get("weights") or "").startswith("random-init")
+            for part in ("vae", "conditioning")
+        )
+        summary.grid = write_grid(output, cfg.grid_size, reader, random_weights=random, title=pipe.name)
     return summary
 
 
@@ -522,10 +525,18 @@ def _finish_if_complete(
 
 
 def write_grid(
-    output: Path, size: int, reader: ReferenceReader | None = None, thumb: int = 112
+    output: Path,
+    size: int,
+    reader: ReferenceReader | None = None,
+    *,
+    random_weights: bool = False,
+    title: str | None = None,
+    per_row: int = 8,
 ) -> Path | None:
-    """``grid.png``: the first ``size`` generated tiles (each next to its reference when conditional)."""
-    from PIL import Image
+    """``grid.png``: the first ``size`` generated tiles, labelled by sample index; when conditional, each
+    row of generated tiles sits under the row of references they were generated from. ``random_weights``
+    stamps the figure (a model whose VAE or conditioning encoder was random-initialised)."""
+    from cytosyn.figures import save_figure, tile_grid
 
     manifest = read_manifest(output)
     tiles: list[tuple[bytes, dict[str, Any]]] = []
@@ -546,29 +557,29 @@ def write_grid(
             for r in reader.read(min(indices), max(indices) + 1, with_images=True):
                 if r.image is not None:
                     refs[r.index] = r.image
-    pair = bool(refs)
-    cols = max(1, min(8 if not pair else 4, len(tiles)))
-    rows = (len(tiles) + cols - 1) // cols
-    cell_w = thumb * (2 if pair else 1) + 4
-    canvas = Image.new("RGB", (cols * cell_w + 4, rows * (thumb + 4) + 4), "white")
-    for n, (data, meta) in enumerate(tiles):
-        x, y = 4 + (n % cols) * cell_w, 4 + (n // cols) * (thumb + 4)
-        gen = Image.open(io.BytesIO(data)).convert("RGB").resize((thumb, thumb), Image.Resampling.BOX)
-        if pair:
-            ref_bytes = refs.get((meta.get("reference") or {}).get("index", -1))
-            if ref_bytes is not None:
-                ref = (
-                    Image.open(io.BytesIO(ref_bytes))
-                    .convert("RGB")
-                    .resize((thumb, thumb), Image.Resampling.BOX)
-                )
-                canvas.paste(ref, (x, y))
-            canvas.paste(gen, (x + thumb, y))
-        else:
-            canvas.paste(gen, (x, y))
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    return atomic_write_bytes(output / GRID_FILE, buf.getvalue())
+
+    def decode(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+
+    rows: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(tiles), per_row):
+        chunk = tiles[start : start + per_row]
+        span = f"{start}–{start + len(chunk) - 1}"
+        if refs:
+            blank = np.full_like(decode(chunk[0][0]), 255)
+            rows[f"reference\n{span}"] = [
+                decode(refs[i]) if (i := (meta.get("reference") or {}).get("index", -1)) in refs else blank
+                for _, meta in chunk
+            ]
+        rows[f"generated\n{span}"] = [decode(data) for data, _ in chunk]
+    fig = tile_grid(
+        rows,
+        column_labels=[f"+{c}" for c in range(min(per_row, len(tiles)))],
+        title=(title or "generated tiles") + (" — references above their generated tiles" if refs else ""),
+        random_weights=random_weights,
+    )
+    return save_figure(fig, output / GRID_FILE)
 
 
 __all__ = [

@@ -52,7 +52,7 @@ from cytosyn.data_prep.slide import (
 )
 from cytosyn.data_prep.tile_config import TileConfig
 from cytosyn.data_prep.tissue import box_fractions, detect_tissue
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 from cytosyn.config import config_hash, parse_part, write_resolved_config
@@ -336,25 +336,24 @@ def plan_slide(job: SlideJob, cfg: TileConfig) -> SlidePlan:
     if cfg.run.overview:
         folder = slide_dir(cfg.output, source.slide_id) / INCOMPLETE_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        _write_overview(folder / OVERVIEW_FILE, overview, mask, xy0[keep], (rw, rh), mask_ds)
+        _write_overview(
+            folder / OVERVIEW_FILE, overview, mask, xy0[keep], (rw, rh), mask_ds, source.slide_id, cfg
+        )
     plan.seconds = time.perf_counter() - t0
     return plan
 
 
-def _write_overview(path: Path, overview, mask, xy0, read_size, mask_ds) -> None:
-    """The overview with tissue tinted green and every kept tile outlined, for a person to check."""
-    img = overview.astype(np.float32)
-    img[mask] = img[mask] * 0.6 + np.array([0, 255, 0], np.float32) * 0.4
-    scale = max(1, int(np.ceil(400 / max(overview.shape[:2]))))
-    pil = Image.fromarray(img.astype(np.uint8)).resize(
-        (overview.shape[1] * scale, overview.shape[0] * scale), Image.Resampling.NEAREST
-    )
-    draw = ImageDraw.Draw(pil)
-    for x, y in xy0:
-        x0, y0 = x / mask_ds[0] * scale, y / mask_ds[1] * scale
-        x1, y1 = (x + read_size[0]) / mask_ds[0] * scale, (y + read_size[1]) / mask_ds[1] * scale
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 0, 255))
-    pil.save(path, format="PNG", compress_level=1)
+def _write_overview(
+    path: Path, overview, mask, xy0, read_size, mask_ds, slide_id: str, cfg: TileConfig
+) -> None:
+    """The overview with tissue tinted and every kept tile outlined, for a person to check (matplotlib,
+    imported only here: see data_prep/overview.py)."""
+    from cytosyn.data_prep.overview import write_overview
+
+    write_overview(
+        path, overview, mask, xy0, read_size, mask_ds, slide_id=slide_id, um_per_px=cfg.tissue.mask_mpp,
+        tile_px=cfg.grid.tile_px, tile_mpp=cfg.grid.mpp,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cytosyn.generation import TileGenerator
 
@@ -108,6 +109,7 @@ class HarnessOptions:
     cache_dir: str | Path | None = None
     keep_samples: int = 8  # tiles kept for the report's image grids
     equalise_nn: bool = True  # memorisation: same number of train and held-out candidates
+    progress: bool = True  # tqdm bars on stderr (reference features, embedding, generation)
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -267,6 +269,7 @@ def prepare_reference(
         acc = _Accumulator(todo, dev, True, opts.max_keep_mb)
         decode_s = 0.0
         batches = image_set.batches(opts.batch_size)
+        bar = tqdm(total=image_set.limit, unit="tile", desc=f"features {role}", disable=not opts.progress)
         while True:
             start = time.perf_counter()
             nxt = next(batches, None)
@@ -277,6 +280,8 @@ def prepare_reference(
             if len(samples) < opts.keep_samples:
                 samples.extend(batch[: opts.keep_samples - len(samples)])
             acc.update(bkeys, batch)
+            bar.update(len(bkeys))
+        bar.close()
         result = acc.finish(image_set.provenance, decode_s)
         keys = result.keys
         for name in todo:
@@ -397,17 +402,20 @@ def generated_provenance(generator: TileGenerator, codec: Any, n: int, px: int) 
 
 
 def embed_reference(
-    generator: TileGenerator, image_set: ImageSet, batch_size: int
+    generator: TileGenerator, image_set: ImageSet, batch_size: int, progress: bool = True
 ) -> tuple[list[str], torch.Tensor, float]:
     keys: list[str] = []
     parts: list[torch.Tensor] = []
     start = time.perf_counter()
+    bar = tqdm(total=image_set.limit, unit="tile", desc="embed references", disable=not progress)
     for bkeys, batch, _ in image_set.batches(batch_size):
         emb = torch.as_tensor(generator.embed(batch)).detach().float().cpu()
         if emb.shape[0] != len(bkeys):
             raise RuntimeError(f"{generator.name}.embed returned {emb.shape[0]} rows for {len(bkeys)} tiles")
         keys.extend(bkeys)
         parts.append(emb)
+        bar.update(len(bkeys))
+    bar.close()
     return keys, torch.cat(parts), time.perf_counter() - start
 
 
@@ -456,6 +464,7 @@ def generate_features(
     samples: list[np.ndarray] = []
     gen_s = feat_s = 0.0
     chunk_seeds = []
+    bar = tqdm(total=n, unit="tile", desc=f"generate (seed {seed})", disable=not opts.progress)
     for c, s in enumerate(range(0, n, opts.chunk_size)):
         e = min(s + opts.chunk_size, n)
         cseed = _chunk_seed(seed, c)
@@ -484,8 +493,10 @@ def generate_features(
             for k in bkeys:
                 keyhash.update(k.encode() + b"\n")
         feat_s += time.perf_counter() - t0
+        bar.update(e - s)
         if len(samples) < opts.keep_samples:
             samples.extend(images[: opts.keep_samples - len(samples)])
+    bar.close()
     prov |= {
         "keys_sha256": keyhash.hexdigest(),
         "pixels_sha256": pixels.hexdigest(),
@@ -729,7 +740,7 @@ def generate_or_read(
     prov = generated_provenance(generator, opts.generated_codec, cond_ref.n, int(generator.tile_px))
     codecs = check_before_generating(exts, prov, refs)
     assert cond_ref.image_set is not None
-    keys, emb, embed_s = embed_reference(generator, cond_ref.image_set, opts.batch_size)
+    keys, emb, embed_s = embed_reference(generator, cond_ref.image_set, opts.batch_size, opts.progress)
     timings["embed_s"] = embed_s
     gen = generate_features(
         generator, emb, keys, exts, steps=steps, guidance_scale=guidance_scale, seed=seed, options=opts

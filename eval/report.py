@@ -1,4 +1,5 @@
-"""Evaluation report folder: ``metrics.json`` (every number + full provenance) and ``report.md`` (tables).
+"""Evaluation report folder: ``metrics.json`` (every number + full provenance), ``report.md`` (tables) and
+``report.html`` (the same report with its figures inlined: one self-contained file, readable offline).
 
 Study-specific sections and figures come from the study modules (`cytosyn.eval.studies`); with a JPEG
 study, `write_report` adds its section and heat map (``jpeg_grid.png``, drawn by
@@ -19,9 +20,23 @@ from typing import Any
 import numpy as np
 import PIL
 
-from cytosyn.fileio import atomic_write_text
+from cytosyn.fileio import atomic_write_text, code_version
 
-__all__ = ["REPORT_FORMAT", "fmt", "fmt_ci", "table", "write_report"]
+__all__ = ["HTML_FILE", "REPORT_FORMAT", "fmt", "fmt_ci", "table", "write_html", "write_report"]
+
+HTML_FILE = "report.html"
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; max-width: 1100px;
+       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f0f2f5; }
+tr:nth-child(even) td { background: #fafbfc; }
+code { background: #f3f3f3; padding: 0 0.2em; border-radius: 3px; font-size: 0.92em; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+h1 { border-bottom: 2px solid #444; } h2 { border-bottom: 1px solid #bbb; margin-top: 2em; }
+.missing { color: #b00; font-weight: bold; }
+"""
 
 REPORT_FORMAT = "cytosyn.eval-report/1"
 
@@ -54,9 +69,49 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _metrics_markdown(metrics: Mapping[str, Any]) -> str:
+def write_html(folder: str | Path, markdown_text: str, title: str) -> Path:
+    """``report.html`` from the report's markdown (python-markdown, tables extension), every PNG it links
+    inlined as a data URI, so the one file reads offline and can be mailed or archived alone. A figure
+    that is missing is replaced by a visible red note (never a broken image)."""
+    import base64
+    import html
+    import re
+
+    import markdown
+
+    folder = Path(folder)
+    body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code", "sane_lists"])
+
+    def inline(match: re.Match[str]) -> str:
+        alt, src = match.group(1), match.group(2)
+        file = folder / src
+        if src.startswith("data:") or not (file.is_file() and file.resolve().parent == folder.resolve()):
+            return f'<p class="missing">figure missing: {html.escape(src)}</p>'
+        data = base64.b64encode(file.read_bytes()).decode("ascii")
+        return f'<img alt="{alt}" title="{html.escape(src)}" src="data:image/png;base64,{data}">'
+
+    body = re.sub(r'<img alt="([^"]*)" src="([^"]+)"\s*/?>', inline, body)
+    page = (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
+    return atomic_write_text(folder / HTML_FILE, page)
+
+
+def provenance_markdown(rows: Mapping[str, Any]) -> str:
+    """A "Provenance" table (what made these numbers: code, config, weights, data), one row per item."""
+    out = ["## Provenance", ""]
+    out.append(
+        table(["item", "value"], [[k, f"`{v}`" if v not in (None, "") else "—"] for k, v in rows.items()])
+    )
+    out.append("")
+    return "\n".join(out)
+
+
+def _metrics_markdown(metrics: Mapping[str, Any], intervals: Mapping[str, Any] | None = None) -> str:
     out = ["## Metrics", ""]
     rows = []
+    intervals = intervals or {}
     for name, value in metrics.items():
         if isinstance(value, Mapping):
             text = ", ".join(f"{k} {fmt(v) if isinstance(v, (int, float)) else v}" for k, v in value.items())
@@ -64,8 +119,8 @@ def _metrics_markdown(metrics: Mapping[str, Any]) -> str:
             text = fmt(float(value))
         else:
             text = str(value)
-        rows.append([f"`{name}`", text])
-    out.append(table(["metric", "value"], rows))
+        rows.append([f"`{name}`", text] + ([fmt_ci(intervals.get(name))] if intervals else []))
+    out.append(table(["metric", "value", *(["95% bootstrap CI (seed 1)"] if intervals else [])], rows))
     out.append("")
     return "\n".join(out)
 
@@ -95,11 +150,18 @@ def write_report(
     metrics: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     title: str = "cytosyn evaluation report",
+    sections: list[str] | None = None,
+    provenance_rows: Mapping[str, Any] | None = None,
+    intervals: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``report.md`` and (with a JPEG study) ``jpeg_grid.png`` into ``folder``.
 
     ``jpeg_study``: a `JpegStudyResult` or its ``to_dict()``. ``metrics``: any extra named numbers (FD/KID/PRDC results, NamedTuples are fine). ``provenance``:
-    anything else to record (configs, checkpoints, image-set provenance). Returns the written paths.
+    anything else to record (configs, checkpoints, image-set provenance). ``sections``: more markdown
+    (a study's own sections and figures), placed before the provenance table; ``provenance_rows``: more
+    rows for that table; ``intervals``: metric name → CI (``{estimate, low, high}``), a column of the
+    metrics table and ``intervals`` in metrics.json. Also writes ``report.html`` (figures inlined).
+    Returns the written paths.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -115,13 +177,16 @@ def write_report(
         "format": REPORT_FORMAT,
         "title": title,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "environment": {"python": platform.python_version(), "pillow": PIL.__version__},
+        "environment": {
+            "python": platform.python_version(),
+            "pillow": PIL.__version__,
+            "cytosyn_code_version": code_version(),
+        },
         "metrics": metrics or {},
+        "intervals": intervals or {},
         "jpeg_study": study,
         "provenance": provenance or {},
-        "heatmap": {"file": heatmap_name, "renderer": "PIL (matplotlib not installed)"}
-        if heatmap_name
-        else None,
+        "heatmap": {"file": heatmap_name, "renderer": "matplotlib"} if heatmap_name else None,
     }
     try:
         import torch
@@ -133,8 +198,17 @@ def write_report(
     paths["metrics"] = atomic_write_text(folder / "metrics.json", text)
     md = [f"# {title}", "", f"Created {doc['created']}. All numbers and full provenance: `metrics.json`.", ""]
     if metrics:
-        md.append(_metrics_markdown(metrics))
+        md.append(_metrics_markdown(metrics, intervals))
     if study is not None:
         md.append(jpeg_markdown(study, heatmap_name))
+    md.extend(sections or [])
+    md.append(
+        provenance_markdown(
+            {"created": doc["created"], "cytosyn code version": doc["environment"]["cytosyn_code_version"]}
+            | dict(provenance_rows or {})
+            | {f"environment: {k}": v for k, v in doc["environment"].items() if k != "cytosyn_code_version"}
+        )
+    )
     paths["report"] = atomic_write_text(folder / "report.md", "\n".join(md))
+    paths["html"] = write_html(folder, "\n".join(md), title)
     return paths

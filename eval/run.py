@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from cytosyn.config import StrictModel, config_hash, config_to_dict, write_resolved_config
 from cytosyn.fileio import atomic_write_text
 
-from .figures import render_image_grid
+from .figures import has_random_weights, render_image_grid
 from .harness import HarnessOptions, StudyResult
 from .images import ImageSet
 from .report import _jsonable, fmt, write_report
@@ -112,6 +112,7 @@ class EvalConfig(StrictModel):
     max_keep_mb: float = Field(default=4096, gt=0)
     cache_dir: Path | None = None  # reference features reused across runs (refused if made differently)
     grid_images: int = Field(default=8, ge=0)
+    progress: bool = True  # progress bars on stderr
     output: Path = Path("eval_out")
 
     @model_validator(mode="after")
@@ -196,6 +197,7 @@ def run_eval(cfg: EvalConfig) -> Path:
         max_keep_mb=cfg.max_keep_mb,
         cache_dir=cfg.cache_dir,
         keep_samples=cfg.grid_images,
+        progress=cfg.progress,
     )
     ctx = StudyContext(
         cfg=cfg,
@@ -225,8 +227,55 @@ def aggregate(results: list[StudyResult]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def headline_intervals(result: StudyResult) -> dict[str, Any]:
+    """95% bootstrap CIs of the headline numbers that have one (FD per reference, the overfitting gap,
+    conditional fidelity, the memorisation fraction), under the headline's keys."""
+    m = result.to_dict(strict=False)["metrics"]
+    out: dict[str, Any] = {}
+    for ref, per_ext in (m.get("comparisons") or {}).items():
+        for ext, vals in per_ext.items():
+            out[f"fd/{ext}/{ref}"] = vals["fd"]
+    for ext, gap in (m.get("overfitting_gap") or {}).items():
+        out[f"fd_gap/{ext}"] = gap
+    fid = m.get("conditional_fidelity") or {}
+    if fid.get("estimate") is not None:
+        out[f"conditional_fidelity/{fid['extractor']}"] = fid["estimate"]
+    mem = m.get("memorisation")
+    if mem:
+        out["memorisation/fraction_closer_to_train"] = mem["fraction_closer_to_train"]
+    for cell in m.get("cells") or []:
+        for ext, ci in cell["fd"].items():
+            out[f"fd/{ext}/steps={cell['steps']},g={cell['guidance_scale']}"] = ci
+    return out
+
+
+def _provenance_rows(cfg: EvalConfig, results: list[StudyResult]) -> dict[str, Any]:
+    """The report's provenance table: what made these numbers (config, generator weights, data, seeds)."""
+    d = results[0].to_dict(strict=False)
+    gen = d["generator"]
+    rows: dict[str, Any] = {
+        "study": results[0].study,
+        "config hash": config_hash(cfg),
+        "resolved config": RESOLVED_CONFIG_FILE,
+        "generator": f"{gen.get('name')} ({gen.get('kind', 'cytosyn')})",
+        "generator weights sha256": gen.get("weights_sha256") or gen.get("weights") or "—",
+        "generator source": gen.get("source"),
+        "random weights in the generator": "YES (a test stand-in)" if has_random_weights(gen) else "no",
+        "seeds": ", ".join(str(r.settings.get("seed")) for r in results),
+    }
+    for role, prov in d["references"].items():
+        rows[f"reference {role}"] = (
+            f"{prov.get('source')}: {prov.get('n_used', prov.get('count'))} tiles, codec {prov.get('codec_label')}, "
+            f"dataset {str(prov.get('dataset_hash') or prov.get('keys_sha256') or '?')[:16]}"
+        )
+    for name, e in d["extractors"].items():
+        rows[f"extractor {name}"] = f"{e['encoder']}, weights {e['metadata'].get('weights')}"
+    return rows
+
+
 def write_eval_report(folder: Path, cfg: EvalConfig, results: list[StudyResult]) -> dict[str, Path]:
-    """metrics.json + report.md through `write_report`, then the study's sections, plots and full results."""
+    """Plots, then metrics.json + report.md + report.html through `write_report` (the study's sections and
+    the provenance table included), then the full per-seed results into metrics.json."""
     folder = Path(folder)
     first = results[0]
     agg = aggregate(results)
@@ -241,10 +290,16 @@ def write_eval_report(folder: Path, cfg: EvalConfig, results: list[StudyResult])
         "references": first.references,
         "extractors": first.extractors,
     }
-    paths = write_report(
-        folder, metrics=headline, provenance=provenance, title=f"cytosyn evaluation: {first.study} study"
-    )
     plots = render_plots(folder, first)
+    paths = write_report(
+        folder,
+        metrics=headline,
+        provenance=provenance,
+        title=f"cytosyn evaluation: {first.study} study",
+        sections=[study_markdown(results, agg, plots)],
+        provenance_rows=_provenance_rows(cfg, results),
+        intervals=headline_intervals(first),
+    )
     paths.update(plots)
     doc = json.loads((folder / "metrics.json").read_text())
     doc["study"] = first.study
@@ -252,10 +307,8 @@ def write_eval_report(folder: Path, cfg: EvalConfig, results: list[StudyResult])
     doc["aggregate"] = agg
     doc["results"] = [r.to_dict() for r in results]
     doc["plots"] = {k: p.name for k, p in plots.items()}
+    doc["html"] = paths["html"].name
     atomic_write_text(folder / "metrics.json", json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n")
-    md = (folder / "report.md").read_text()
-    md += "\n" + study_markdown(results, agg, plots) + "\n"
-    paths["report"] = atomic_write_text(folder / "report.md", md)
     return paths
 
 
@@ -344,5 +397,7 @@ def render_plots(folder: Path, result: StudyResult) -> dict[str, Path]:
     folder = Path(folder)
     plots = dict(get_study(result.study).plots(result, folder))
     if result.samples and any(len(v) for v in result.samples.values()):
-        plots["samples"] = render_image_grid(result.samples, folder / "samples.png")
+        plots["samples"] = render_image_grid(
+            result.samples, folder / "samples.png", random_weights=has_random_weights(result.generator)
+        )
     return plots

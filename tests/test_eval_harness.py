@@ -9,6 +9,7 @@ training or held-out tiles, whose scores are known in advance.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from cytosyn.eval.metrics import IncompatibleStatsError, frechet_distance_ci
 from cytosyn.eval.pixcell import PixCellError, PixCellGenerator, apply_fov_policy, make_tiny_pixcell_folder
 from cytosyn.eval.run import EvalConfig, render_plots, run_eval
 from cytosyn.eval.studies import STUDIES, memorisation, overfitting_study, sweep_study
+from headless import open_in_browser
 from PIL import Image
 
 from cytosyn.config import ConfigError, build_config
@@ -217,6 +219,20 @@ def test_overfitting_study_detects_memorisation(data):
     assert h["conditional_fidelity"]["extractor"] == "pixel-stats"
     assert h["conditional_fidelity"]["estimate"].estimate == pytest.approx(1.0)
     assert h["conditional_fidelity"]["unpaired_baseline"] < 1.0
+    # the figures: labelled axes, CIs as error bars, held-out next to train
+    from cytosyn.eval.studies.overfitting import memorisation_figure, overfitting_figure
+
+    ax = overfitting_figure(copier).axes[0]
+    assert ax.get_ylabel() == "Fréchet distance to generated tiles" and ax.get_xlabel() == "reference tiles"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["held-out patients", "training patients"]
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    bars = next(c for c in ax.containers if isinstance(c, BarContainer))
+    assert any(isinstance(c, ErrorbarContainer) for c in ax.containers)  # the 95% CI whiskers
+    heights = [b.get_height() for b in bars]
+    assert heights[0] == pytest.approx(fd_held) and heights[1] == pytest.approx(fd_train, abs=1e-9)
+    hist = memorisation_figure(copier).axes[0]
+    assert "nearest training" in hist.get_xlabel() and hist.get_ylabel() == "generated tiles"
     for result in (copier, honest):
         text = json.dumps(result.to_dict(), allow_nan=False)  # strict JSON
         assert "pixel-stats" in text and result.generated["count"] == N
@@ -295,7 +311,13 @@ def test_sweep_study_fd_vs_steps(data, tmp_path):
     plots = render_plots(tmp_path, result)
     assert set(plots) == {"fd_vs_steps", "samples"}
     with Image.open(plots["fd_vs_steps"]) as im:
-        assert im.size[0] > 100
+        assert im.size[0] > 300 and im.size[1] > 200 and np.asarray(im.convert("L")).std() > 5
+    from cytosyn.eval.studies.sweep import fd_vs_steps_figure
+
+    ax = fd_vs_steps_figure(result).axes[0]
+    assert ax.get_xlabel() == "sampling steps" and ax.get_ylabel() == "FD in pixel-stats"
+    assert len(ax.containers) == 2  # one errorbar line per guidance scale
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["guidance 1", "guidance 2"]
     json.dumps(result.to_dict(), allow_nan=False)
 
 
@@ -329,6 +351,10 @@ def test_run_eval_pixcell_overfitting_report(data, tiny_pixcell, tmp_path):
     assert res["metrics"]["conditional_fidelity"]["extractor"] == "vit-tiny16"  # not the conditioning encoder
     assert res["extractors"]["vit-tiny16"]["is_conditioning_encoder"] is False
     assert "fd/vit-tiny16/heldout" in doc["metrics"] and "fd_gap/vit-tiny16" in doc["metrics"]
+    ci = doc["intervals"]["fd/vit-tiny16/heldout"]
+    # a percentile bootstrap of a biased statistic need not contain the point estimate: only order is checked
+    assert ci["low"] <= ci["high"] and ci["estimate"] == doc["metrics"]["fd/vit-tiny16/heldout"]
+    assert "95% bootstrap CI" in (out / "report.md").read_text()
     for name in ("report.md", "eval_config.yaml", "overfitting_fd.png", "memorisation.png", "samples.png"):
         assert (out / name).is_file(), name
     md = (out / "report.md").read_text()
@@ -362,6 +388,32 @@ def test_run_eval_folder_domain_study(data, tmp_path):
     assert res["domain_shift_fd"]["oncology"]["vit-tiny16"] > 0
     assert doc["seeds"] == [0, 1] and doc["aggregate"]["fd/vit-tiny16/oncology"]["std"] == 0.0
     assert "Over seeds" in (out / "report.md").read_text()
+    # one HTML report per run: figures inline, provenance table, metrics with CIs, in a real browser
+    html = (out / "report.html").read_text()
+    assert doc["html"] == "report.html" and 'src="data:image/png;base64,' in html
+    assert not re.search(r"""(src|href)=["']https?:|url\(https?:""", html)  # nothing fetched from a network
+    seen = open_in_browser(out / "report.html", tmp_path / "screenshot.png")
+    assert seen["title"] == "cytosyn evaluation: domain study"
+    assert seen["images"] and all(i["complete"] and i["width"] > 0 for i in seen["images"]), seen["images"]
+    assert all(url.startswith(("file:", "data:")) for url in seen["requests"])  # readable offline
+    for text in ("Provenance", "FD [95% CI]", "config hash", "Domain study"):
+        assert text in seen["text"], text
+    with Image.open(tmp_path / "screenshot.png") as shot:
+        assert shot.size[0] >= 1000 and shot.size[1] > 1000
+        assert np.asarray(shot.convert("L")).std() > 10  # not a blank page
+
+
+def test_html_report_marks_a_missing_figure_instead_of_a_broken_image(tmp_path):
+    from cytosyn.eval.report import write_html
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "ok.png")
+    write_html(
+        tmp_path, "# t\n\n![ok](ok.png)\n\n![gone](gone.png)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n", "t"
+    )
+    html = (tmp_path / "report.html").read_text()
+    assert (
+        html.count("data:image/png;base64,") == 1 and "figure missing: gone.png" in html and "<table>" in html
+    )
 
 
 def test_eval_config_is_validated(data, tmp_path):

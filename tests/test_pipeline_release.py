@@ -28,6 +28,19 @@ from cytosyn.training.config import TrainConfig
 from cytosyn.training.run import run_training
 
 ENCODER = "vit-tiny16"
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+LAYOUT = sorted(
+    [
+        "README.md",
+        "SHA256SUMS",
+        "config.json",
+        "model_index.json",
+        "pipeline.py",
+        "scheduler/scheduler_config.json",
+        "transformer/config.json",
+        WEIGHTS,
+    ]
+)
 FAST = {
     "method": "euler_maruyama",
     "steps": 4,
@@ -92,6 +105,7 @@ def trained(tmp_path_factory, fixture_slide) -> dict[str, Path]:
                 "format": "cytosyn.eval-report/1",
                 "title": "tiny eval",
                 "metrics": {"fid_inception": 123.4, "fd_uni2-h": {"estimate": 5.0, "low": 4.5, "high": 5.5}},
+                "intervals": {"fid_inception": {"estimate": 123.4, "low": 120.0, "high": 126.0}},
             }
         )
     )
@@ -120,15 +134,10 @@ def _embeddings(trained, n: int) -> np.ndarray:
 
 def test_release_folder_contents(trained):
     folder = trained["release"]
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "README.md",
-        "SHA256SUMS",
-        "config.json",
-        "model.safetensors",
-    ]
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == LAYOUT
     from safetensors import safe_open
 
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+    with safe_open(str(folder / WEIGHTS), "pt") as f:
         keys = list(f.keys())
     assert any(k.startswith("model.blocks.") for k in keys)
     assert {"latent_norm.mean", "latent_norm.std"} <= set(keys)
@@ -155,8 +164,29 @@ def test_release_folder_contents(trained):
         "## Limitations",
     ):
         assert text in card, text
+    # hub metadata: the YAML header the hub reads
+    import yaml
+
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["license"] == "other" and meta["license_name"] == "unspecified"
+    assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "unconditional-image-generation"
+    results = meta["model-index"][0]["results"][0]
+    assert {m["name"]: m["value"] for m in results["metrics"]} == {"fid_inception": 123.4}
+    assert "| `fid_inception` | 123.4 | 123.4 [120, 126] |" in card  # the CI column
+    for text in (
+        "## Components",
+        "| autoencoder | `tiny-f8`",
+        "| conditioning encoder | `vit-tiny16`",
+        "DiffusionPipeline",
+    ):
+        assert text in card, text
     sums = (folder / "SHA256SUMS").read_text().split("\n")
-    assert [line.split("  ")[1] for line in sums if line] == ["README.md", "config.json", "model.safetensors"]
+    assert [line.split("  ")[1] for line in sums if line] == [n for n in LAYOUT if n != "SHA256SUMS"]
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "CytoSynDiffusionPipeline" and index["vae"] == [None, None]
+    assert index["transformer"] == ["cytosyn.diffusers_pipeline", "SiTTransformer"]
+    tcfg = json.loads((folder / "transformer" / "config.json").read_text())
+    assert tcfg["vae"]["name"] == "tiny-f8" and tcfg["weights_sha256"] == config["weights"]["sha256_content"]
 
 
 def test_release_samples_equal_checkpoint_samples_bitwise(trained, pipe):
@@ -188,7 +218,7 @@ def test_save_pretrained_round_trip(trained, pipe, tmp_path):
 def test_release_is_deterministic_and_refuses_a_non_empty_output(trained, tmp_path):
     second = tmp_path / "again"
     run_release(trained["ckpt"], second, eval_report=trained["root"] / "eval")
-    for name in ("model.safetensors", "config.json", "README.md", "SHA256SUMS"):
+    for name in LAYOUT:
         assert (second / name).read_bytes() == (trained["release"] / name).read_bytes(), name
     with pytest.raises(PipelineError, match="not empty"):
         run_release(trained["ckpt"], second)
@@ -197,7 +227,7 @@ def test_release_is_deterministic_and_refuses_a_non_empty_output(trained, tmp_pa
             ReleaseConfig, {"checkpoint": str(trained["ckpt"]), "output": str(second), "overwrite": True}
         )
     )
-    assert summary.files.keys() == {"README.md", "config.json", "model.safetensors"}
+    assert summary.files.keys() == set(LAYOUT) - {"SHA256SUMS"}
     assert not summary.eval_included and "No evaluation report" in (second / "README.md").read_text()
 
 
@@ -208,10 +238,10 @@ def test_tampered_release_is_refused(trained, tmp_path, tamper):
     folder = tmp_path / "release"
     shutil.copytree(trained["release"], folder)
     if tamper == "flip_weights_byte":
-        data = bytearray((folder / "model.safetensors").read_bytes())
+        data = bytearray((folder / WEIGHTS).read_bytes())
         data[len(data) // 2] ^= 0x01
-        (folder / "model.safetensors").write_bytes(bytes(data))
-        match = r"model\.safetensors does not match its sha256"
+        (folder / WEIGHTS).write_bytes(bytes(data))
+        match = r"diffusion_pytorch_model\.safetensors does not match its sha256"
     elif tamper == "delete_config":
         (folder / "config.json").unlink()
         match = r"missing config\.json"
@@ -228,6 +258,127 @@ def test_tampered_release_is_refused(trained, tmp_path, tamper):
         match = r"README\.md does not match"
     with pytest.raises(ReleaseIntegrityError, match=match):
         CytoSynPipeline.from_pretrained(folder, device="cpu")
+
+
+# ---- the release as a diffusers pipeline ---------------------------------------------------------------
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_diffusers_loads_the_release_and_samples_bitwise_like_cytosyn(trained):
+    from diffusers import DiffusionPipeline
+
+    from cytosyn.diffusers_pipeline import CytoSynDiffusionPipeline
+
+    folder = trained["release"]
+    ours = CytoSynPipeline.from_pretrained(folder, device="cpu")
+    direct = CytoSynDiffusionPipeline.from_pretrained(folder)  # no remote code: the class comes from cytosyn
+    remote = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
+    assert type(remote).__name__ == "CytoSynDiffusionPipeline" and remote.vae is None  # referenced VAE
+    emb = _embeddings(trained, 3)
+    expected = ours.generate(emb, sampler=FAST, seed=7, batch_size=2)
+    for pipe in (direct, remote):
+        assert pipe.core.weights_sha256 == ours.weights_sha256
+        got = pipe(emb, sampler=FAST, seed=7, batch_size=2, output_type="uint8").images
+        assert np.array_equal(got, expected)
+    pil = direct(emb, sampler=FAST, seed=7, batch_size=2).images
+    assert pil[2].size == (224, 224) and np.array_equal(np.asarray(pil[2]), expected[2])
+    floats = direct(emb, sampler=FAST, seed=7, batch_size=2, output_type="np").images
+    assert floats.dtype == np.float32 and np.allclose(floats * 255, expected, atol=1e-3)
+    uncond = ours.generate(None, num_images=2, sampler="fast_euler_50", steps=3, seed=1)
+    assert np.array_equal(
+        direct(
+            num_images=2, sampler="fast_euler_50", num_inference_steps=3, seed=1, output_type="uint8"
+        ).images,
+        uncond,
+    )
+    assert direct.scheduler.sampler_config(True).steps == 250  # the release's defaults travel with it
+    direct.scheduler.set_timesteps(4)
+    assert direct.scheduler.timesteps[0] == 1.0 and direct.scheduler.timesteps[-1] == 0.0
+
+
+def test_bundled_autoencoder_round_trip(trained, pipe, tmp_path):
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    folder = pipe.save_pretrained(tmp_path / "bundled", bundle_vae=True)
+    files = _files(folder)
+    assert {"vae/config.json", "vae/diffusion_pytorch_model.safetensors"} <= set(files)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["vae"]["bundled"]["weights"].startswith("sha256:")
+    assert config["vae"]["bundled"]["built_from"] == "random-init:seed=0"
+    ours = CytoSynPipeline.from_pretrained(folder, device="cpu")
+    remote = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
+    assert isinstance(remote.vae, AutoencoderKL)
+    emb = _embeddings(trained, 2)
+    expected = ours.generate(emb, sampler=FAST, seed=3)
+    assert np.array_equal(remote(emb, sampler=FAST, seed=3, output_type="uint8").images, expected)
+    assert np.array_equal(
+        pipe.generate(emb, sampler=FAST, seed=3), expected
+    )  # the referenced one decodes alike
+    # a bundled VAE whose weights were altered (and re-hashed into SHA256SUMS) is still refused: its hash is recorded
+    other = AutoencoderKL.from_pretrained(folder / "vae")
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with pytest.raises(PipelineError, match="latents come from"):
+        _ = remote.__class__(transformer=remote.transformer, scheduler=remote.scheduler, vae=other).core
+
+
+def test_diffusers_save_pretrained_and_push_to_hub_write_the_release_layout(trained, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from cytosyn.diffusers_pipeline import CytoSynDiffusionPipeline
+
+    src = trained["release"]
+    d = CytoSynDiffusionPipeline.from_pretrained(src)
+    d.save_pretrained(tmp_path / "saved")
+    assert _files(tmp_path / "saved") == LAYOUT
+    assert (tmp_path / "saved" / "README.md").read_text() == (src / "README.md").read_text()
+    for name in ("transformer/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
+        assert (tmp_path / "saved" / name).read_bytes() == (src / name).read_bytes(), name
+    again = CytoSynPipeline.from_pretrained(tmp_path / "saved", device="cpu")
+    assert again.weights_sha256 == d.core.weights_sha256
+    uploads: list[dict] = []
+
+    def fake_upload(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        uploads.append(
+            {"repo": kwargs["repo_id"], "files": _files(folder), "card": (folder / "README.md").read_text()}
+        )
+
+    monkeypatch.setattr(
+        huggingface_hub, "create_repo", lambda repo_id, **kw: type("R", (), {"repo_id": repo_id})()
+    )
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload)
+    d.push_to_hub("someone/cytosyn-tiny")
+    assert uploads[0]["repo"] == "someone/cytosyn-tiny" and uploads[0]["files"] == LAYOUT
+    assert uploads[0]["card"] == (src / "README.md").read_text()
+
+
+def test_diffusers_path_keeps_the_hash_checks(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cytosyn.diffusers_pipeline import CytoSynDiffusionPipeline
+
+    folder = tmp_path / "release"
+    shutil.copytree(trained["release"], folder)
+    data = bytearray((folder / WEIGHTS).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (folder / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ReleaseIntegrityError, match="does not match its sha256"):
+        CytoSynDiffusionPipeline.from_pretrained(folder)
+    # without SHA256SUMS (e.g. a copy of the transformer folder alone) the recorded content hash still guards it
+    shutil.copytree(trained["release"] / "transformer", tmp_path / "alone")
+    state = load_file(str(tmp_path / "alone" / "diffusion_pytorch_model.safetensors"))
+    state["latent_norm.mean"] = state["latent_norm.mean"] + 1
+    save_file(state, str(tmp_path / "alone" / "diffusion_pytorch_model.safetensors"))
+    from cytosyn.diffusers_pipeline import SiTTransformer
+
+    with pytest.raises(ReleaseIntegrityError, match="hash to"):
+        SiTTransformer.from_pretrained(tmp_path / "alone")
 
 
 # ---- generation --------------------------------------------------------------------------------------------

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..features import _Accumulator, _device, build_extractors
-from ..figures import _colour, _font
+from ..figures import new_figure, save_figure
 from ..images import ImageSet, apply_codec, codec_label, codec_settings, parse_codec
 from ..metrics import blockiness_8x8
 from ..report import fmt, table
@@ -42,6 +42,7 @@ from ..stats import PROVENANCE_KEYS, frechet_distance
 __all__ = [
     "DEFAULT_QUALITIES",
     "JpegStudyResult",
+    "jpeg_heatmap_figure",
     "jpeg_markdown",
     "jpeg_study",
     "lossless_roundtrip_check",
@@ -263,51 +264,35 @@ def lossless_roundtrip_check(image_set: ImageSet, batch_size: int = 32) -> dict[
 
 
 # ------------------------------------------------------------------------------------------- report
-def render_jpeg_heatmap(study: JpegStudyResult | Mapping[str, Any], path: str | Path, cell: int = 78) -> Path:
-    """Draw one heat-map panel per extractor (rows: reference codec, columns: generated codec) to PNG."""
+def jpeg_heatmap_figure(study: JpegStudyResult | Mapping[str, Any]) -> Any:
+    """One heat map per extractor: FD[reference codec][generated codec], each cell labelled, colour bar."""
     data = study.to_dict() if isinstance(study, JpegStudyResult) else dict(study)
     codecs: list[str] = list(data["codecs"])
     grids: dict[str, list[list[float]]] = data["fd"]
-    k = len(codecs)
-    title_f, label_f, value_f = _font(16), _font(13), _font(12)
-    margin_l, margin_t, gap = 92, 64, 40
-    panel_w = margin_l + k * cell + 20
-    width = max(1, len(grids)) * panel_w + gap
-    height = margin_t + k * cell + 70
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
+    fig = new_figure(4.2 * len(grids) + 0.4, 3.8)
     for p, (name, grid) in enumerate(grids.items()):
+        ax = fig.add_subplot(1, len(grids), p + 1)
         arr = np.asarray(grid, dtype=np.float64)
+        im = ax.imshow(arr, cmap="viridis")
         finite = arr[np.isfinite(arr)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        span = hi - lo if hi > lo else 1.0
-        x0 = p * panel_w + gap // 2
-        draw.text((x0, 8), f"FD in {name}", fill="black", font=title_f)
-        draw.text((x0, 30), f"scale {fmt(lo)} … {fmt(hi)}", fill=(90, 90, 90), font=label_f)
-        draw.text((x0 + margin_l, margin_t - 18), "generated codec ->", fill="black", font=label_f)
-        for j, c in enumerate(codecs):
-            draw.text((x0 + margin_l + j * cell + 8, height - 62), c, fill="black", font=label_f)
-        draw.text((x0, height - 40), "rows: reference codec", fill="black", font=label_f)
-        for i, r in enumerate(codecs):
-            y = margin_t + i * cell
-            draw.text((x0 + 8, y + cell // 2 - 8), r, fill="black", font=label_f)
-            for j in range(k):
-                v = float(arr[i, j])
-                t = (v - lo) / span
-                colour = _colour(t)
-                x = x0 + margin_l + j * cell
-                draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=colour)
-                luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-                draw.text(
-                    (x + 6, y + cell // 2 - 8),
-                    fmt(v),
-                    fill="black" if luminance > 140 else "white",
-                    font=value_f,
-                )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
-    return path
+        mid = float(finite.min() + finite.max()) / 2 if finite.size else 0.0
+        for i in range(len(codecs)):
+            for j in range(len(codecs)):
+                ax.text(j, i, fmt(float(arr[i, j])), ha="center", va="center", fontsize=8,
+                        color="black" if arr[i, j] > mid else "white")  # fmt: skip
+        ax.set_xticks(range(len(codecs)), codecs)
+        ax.set_yticks(range(len(codecs)), codecs)
+        ax.set_xlabel("generated codec")
+        ax.set_ylabel("reference codec")
+        ax.set_title(f"FD in {name}", fontsize=10)
+        fig.colorbar(im, ax=ax, label="Fréchet distance", shrink=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def render_jpeg_heatmap(study: JpegStudyResult | Mapping[str, Any], path: str | Path) -> Path:
+    """:func:`jpeg_heatmap_figure` saved as PNG."""
+    return save_figure(jpeg_heatmap_figure(study), path)
 
 
 def _set_line(prov: Mapping[str, Any]) -> str:

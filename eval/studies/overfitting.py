@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from cytosyn.generation import TileGenerator
 
 from ..features import build_extractors
-from ..figures import _PALETTE, _axes, _colour, _font, _nice_range
+from ..figures import new_figure, save_figure, yerr
 from ..harness import (
     HarnessOptions,
     ReferenceFeatures,
@@ -288,84 +287,56 @@ def _markdown(results: list[StudyResult]) -> str:
 
 
 # -------------------------------------------------------------------------------------------- plots
-def render_overfitting_bars(result: StudyResult, path: Path, panel: tuple[int, int] = (300, 300)) -> Path:
-    """Per extractor: FD against held-out vs against training tiles (CI whiskers), with the gap."""
+def overfitting_figure(result: StudyResult) -> Any:
+    """Per extractor: FD of the generated tiles against held-out vs training-patient tiles (95% CI bars)."""
     m = result.to_dict(strict=False)["metrics"]
     names = list(result.extractors)
-    pw, ph = panel
-    img = Image.new("RGB", (pw * len(names), ph + 30), "white")
-    draw = ImageDraw.Draw(img)
+    fig = new_figure(4.4 * len(names) + 0.6, 3.8)
     for p, name in enumerate(names):
-        held = m["comparisons"]["heldout"][name]["fd"]
-        train = m["comparisons"]["train"][name]["fd"]
-        lo, hi = _nice_range([held["high"], train["high"], held["estimate"], train["estimate"]])
-        ox = p * pw
-        box = (ox + 60, 40, ox + pw - 20, ph - 30)
-        draw.text((ox + 60, 8), f"FD in {name}", fill="black", font=_font(14))
-        _axes(draw, box, lo, hi)
-        x0, y0, x1, y1 = box
-        for i, (label, fd, colour) in enumerate(
-            [("held-out", held, _PALETTE[0]), ("train", train, _PALETTE[1])]
-        ):
-            bx = x0 + (x1 - x0) * (0.15 + 0.45 * i)
-            bw = (x1 - x0) * 0.3
-
-            def y(v: float, y0=y0, y1=y1, lo=lo, hi=hi) -> float:
-                return y1 - (y1 - y0) * (v - lo) / (hi - lo)
-
-            draw.rectangle([bx, y(fd["estimate"]), bx + bw, y1], fill=colour)
-            cx = bx + bw / 2
-            draw.line([(cx, y(fd["low"])), (cx, y(fd["high"]))], fill="black", width=2)
-            draw.text((bx, y1 + 6), label, fill="black", font=_font(11))
+        ax = fig.add_subplot(1, len(names), p + 1)
+        cis = [m["comparisons"]["heldout"][name]["fd"], m["comparisons"]["train"][name]["fd"]]
+        ax.bar(
+            ["held-out patients", "training patients"],
+            [c["estimate"] for c in cis],
+            yerr=yerr(cis),
+            capsize=6,
+            color=["#1f77b4", "#ff7f0e"],
+            error_kw={"elinewidth": 1.5},
+        )
+        ax.set_xlabel("reference tiles")
+        ax.set_ylabel("Fréchet distance to generated tiles")
         gap = m["overfitting_gap"].get(name)
-        if gap:
-            draw.text((ox + 60, 24), f"gap {fmt_ci(gap)}", fill=(90, 90, 90), font=_font(11))
-    img.save(path, format="PNG")
-    return path
+        ax.set_title(f"{name}\ngap (held-out − train) {fmt_ci(gap)}" if gap else name, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Slide-level overfitting: FD with 95% bootstrap CI", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
-def render_memorisation(result: StudyResult, path: Path, size: tuple[int, int] = (460, 300)) -> Path:
-    """Histogram of d_train / d_heldout per generated tile (< 1: nearer to a training tile)."""
+def memorisation_figure(result: StudyResult) -> Any:
+    """Histogram of d_train / d_held-out per generated tile (< 1: nearer to a training tile)."""
     mem = result.to_dict(strict=False)["metrics"]["memorisation"]
-    hist = mem["ratio_histogram"]
-    counts, edges = hist["counts"], hist["edges"]
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    draw.text(
-        (60, 8),
-        f"nearest train / nearest held-out distance ({mem['extractor']})",
-        fill="black",
-        font=_font(13),
+    counts, edges = np.asarray(mem["ratio_histogram"]["counts"]), np.asarray(mem["ratio_histogram"]["edges"])
+    fig = new_figure(5.2, 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c72b0", edgecolor="white")
+    ax.axvline(1.0, color="#d62728", lw=2, label="equally near (ratio 1)")
+    ax.set_xlabel(f"nearest training / nearest held-out distance ({mem['extractor']})")
+    ax.set_ylabel("generated tiles")
+    ax.set_title(
+        f"closer to a training tile: {fmt_ci(mem['fraction_closer_to_train'])} "
+        f"(held-out tiles themselves: {fmt(mem['heldout_baseline_fraction'])})",
+        fontsize=9,
     )
-    box = (60, 40, w - 20, h - 40)
-    top = max(counts) if counts and max(counts) > 0 else 1
-    _axes(draw, box, 0.0, float(top))
-    x0, y0, x1, y1 = box
-    nb = len(counts)
-    for i, c in enumerate(counts):
-        bx = x0 + (x1 - x0) * i / nb
-        colour = _colour(i / max(nb - 1, 1))
-        draw.rectangle([bx + 1, y1 - (y1 - y0) * c / top, bx + (x1 - x0) / nb - 1, y1], fill=colour)
-    xone = x0 + (x1 - x0) * (1.0 - edges[0]) / (edges[-1] - edges[0])
-    draw.line([(xone, y0), (xone, y1)], fill=(214, 39, 40), width=2)
-    for v in (0.0, 0.5, 1.0, 1.5, 2.0):
-        x = x0 + (x1 - x0) * v / 2.0
-        draw.text((x - 8, y1 + 6), fmt(v), fill="black", font=_font(11))
-    draw.text(
-        (60, h - 18),
-        f"closer to train: {fmt_ci(mem['fraction_closer_to_train'])} (held-out baseline {fmt(mem['heldout_baseline_fraction'])})",
-        fill="black",
-        font=_font(11),
-    )
-    img.save(path, format="PNG")
-    return path
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def _plots(result: StudyResult, folder: Path) -> dict[str, Path]:
     return {
-        "overfitting_fd": render_overfitting_bars(result, folder / "overfitting_fd.png"),
-        "memorisation": render_memorisation(result, folder / "memorisation.png"),
+        "overfitting_fd": save_figure(overfitting_figure(result), folder / "overfitting_fd.png"),
+        "memorisation": save_figure(memorisation_figure(result), folder / "memorisation.png"),
     }
 
 

@@ -11,14 +11,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageDraw
 from pydantic import Field
 
 from cytosyn.config import StrictModel
 from cytosyn.generation import TileGenerator
 
 from ..features import build_extractors
-from ..figures import _PALETTE, _axes, _font, _nice_range
+from ..figures import new_figure, save_figure, yerr
 from ..harness import (
     HarnessOptions,
     ReferenceFeatures,
@@ -87,7 +86,7 @@ def sweep_study(
     prov = generated_provenance(first, opts.generated_codec, ref.n, int(first.tile_px))
     codecs = check_before_generating(exts, prov, {"reference": ref})
     assert ref.image_set is not None
-    keys, emb, timings["embed_s"] = embed_reference(first, ref.image_set, opts.batch_size)
+    keys, emb, timings["embed_s"] = embed_reference(first, ref.image_set, opts.batch_size, opts.progress)
     cells = []
     notes: list[str] = []
     samples = {"reference": ref.samples} if ref.samples is not None else {}
@@ -198,53 +197,39 @@ def _markdown(results: list[StudyResult]) -> str:
 
 
 # -------------------------------------------------------------------------------------------- plots
-def render_fd_vs_steps(result: StudyResult, path: Path, panel: tuple[int, int] = (420, 300)) -> Path:
-    """One panel per extractor: FD (with CI whiskers) against steps, one line per guidance scale."""
+def fd_vs_steps_figure(result: StudyResult) -> Any:
+    """One panel per extractor: FD (95% CI bars) against sampling steps, one line per guidance scale."""
     m = result.to_dict(strict=False)["metrics"]
     steps, guidance = m["steps"], m["guidance"]
     names = list(result.extractors)
-    pw, ph = panel
-    img = Image.new("RGB", (pw * len(names), ph + 40), "white")
-    draw = ImageDraw.Draw(img)
+    fig = new_figure(3.8 * len(names) + 0.6, 3.4)
     for p, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), p + 1)
         cells = {(c["steps"], c["guidance_scale"]): c["fd"][name] for c in m["cells"]}
-        vals = [v for c in cells.values() for v in (c["low"], c["estimate"], c["high"])]
-        lo, hi = _nice_range(vals, include_zero=False)
-        ox = p * pw
-        box = (ox + 60, 40, ox + pw - 20, ph - 30)
-        draw.text((ox + 60, 8), f"FD in {name} vs sampling steps", fill="black", font=_font(14))
-        _axes(draw, box, lo, hi)
-        y1 = box[3]
-
-        def xy(i: int, v: float, box=box, lo=lo, hi=hi) -> tuple[float, float]:
-            bx0, by0, bx1, by1 = box
-            x = bx0 + (bx1 - bx0) * (i + 0.5) / len(steps)
-            return x, by1 - (by1 - by0) * (v - lo) / (hi - lo)
-
-        for i, s in enumerate(steps):
-            x, _ = xy(i, lo)
-            draw.text((x - 8, y1 + 6), str(s), fill="black", font=_font(11))
-        for gi, g in enumerate(guidance):
-            colour = _PALETTE[gi % len(_PALETTE)]
-            pts = []
-            for i, s in enumerate(steps):
-                c = cells[(s, float(g))]
-                x, y = xy(i, c["estimate"])
-                _, ylo = xy(i, c["low"])
-                _, yhi = xy(i, c["high"])
-                draw.line([(x, ylo), (x, yhi)], fill=colour, width=1)
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-                pts.append((x, y))
-            if len(pts) > 1:
-                draw.line(pts, fill=colour, width=2)
-            draw.text((ox + 60 + 90 * gi, 24), f"guidance {fmt(g)}", fill=colour, font=_font(11))
-        draw.text((ox + pw // 2 - 20, ph + 2), "steps", fill="black", font=_font(12))
-    img.save(path, format="PNG")
-    return path
+        for g in guidance:
+            cis = [cells[(s, float(g))] for s in steps]
+            ax.errorbar(
+                steps,
+                [c["estimate"] for c in cis],
+                yerr=yerr(cis),
+                marker="o",
+                capsize=4,
+                label=f"guidance {fmt(g)}",
+            )
+        if len(steps) > 1 and min(steps) > 0 and max(steps) / min(steps) >= 8:
+            ax.set_xscale("log")
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(f"FD in {name}")
+        ax.set_title(f"FD vs steps ({name}), 95% CI", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def _plots(result: StudyResult, folder: Path) -> dict[str, Path]:
-    return {"fd_vs_steps": render_fd_vs_steps(result, folder / "fd_vs_steps.png")}
+    return {"fd_vs_steps": save_figure(fd_vs_steps_figure(result), folder / "fd_vs_steps.png")}
 
 
 STUDY = Study(
