@@ -13,6 +13,7 @@ sections and plots, the aggregate over seeds and the reference vs generated imag
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -246,6 +247,15 @@ def headline_intervals(result: StudyResult) -> dict[str, Any]:
     for cell in m.get("cells") or []:
         for ext, ci in cell["fd"].items():
             out[f"fd/{ext}/steps={cell['steps']},g={cell['guidance_scale']}"] = ci
+    for group, per in (m.get("separation_auc") or {}).items():  # the scoring study
+        for score, ci in per.items():
+            out[f"auc/{score}/{group}"] = ci
+    for name, c in (m.get("classification") or {}).items():
+        if c:
+            out[f"balanced_accuracy/{name}"] = c["balanced_accuracy"]
+            out[f"macro_f1/{name}"] = c["macro_f1"]
+    if m.get("frechet"):  # the scoring study's Fréchet numbers on the same sets
+        out |= headline_intervals(replace(result, metrics=m["frechet"]))
     return out
 
 

@@ -535,7 +535,11 @@ def write_figures(
     cfg: ScoreConfig, pipe: Any, source: TileSource, plan: ScoringPlan, scores: TileScores, primary: str | None,
     output: Path,
 ) -> dict[str, Any]:  # fmt: skip
+    from cytosyn.eval.figures import has_random_weights
+
     from .figures import plot_score_distributions, plot_tile_rows
+
+    random = has_random_weights(pipe.describe())
 
     figures: dict[str, Any] = {}
     if not scores.anomaly or len(scores) == 0:
@@ -550,7 +554,9 @@ def write_figures(
             }
         else:
             groups[name] = {"tiles": vals}
-    figures["distributions"] = plot_score_distributions(groups, output / "score_distributions.png").name
+    figures["distributions"] = plot_score_distributions(
+        groups, output / "score_distributions.png", random_weights=random
+    ).name
     if primary is None:
         return figures
     vals = scores.anomaly[primary]
@@ -573,16 +579,19 @@ def write_figures(
             ],
         }
         figures["anomalous_tiles"] = plot_tile_rows(
-            rows, output / "anomalous_tiles.png", title=f"anomaly score: {primary} (larger = more anomalous)"
+            rows,
+            output / "anomalous_tiles.png",
+            title=f"anomaly score: {primary} (larger = more anomalous)",
+            random_weights=random,
         ).name
     if maps_for:
-        figures["maps"] = write_maps(pipe, plan, scores, maps_for, images, output / "maps", source)
+        figures["maps"] = write_maps(pipe, plan, scores, maps_for, images, output / "maps", source, random)
     return figures
 
 
 def write_maps(
     pipe: Any, plan: ScoringPlan, scores: TileScores, idx: list[int], images: dict[str, np.ndarray], folder: Path,
-    source: TileSource,
+    source: TileSource, random_weights: bool = False,
 ) -> list[str]:  # fmt: skip
     """Counterfactual maps: per tile, each class's error map minus the predicted class's map."""
     from .data import TileBatch, encode_batch
@@ -612,7 +621,7 @@ def write_maps(
         name = f"{key}.png"
         plot_counterfactual(
             images[key], diffs, scores.class_names, str(pred), folder / name,
-            caption=f"{scores.labels[i] or ''} → {pred}",
+            caption=f"{scores.labels[i] or ''} → {pred}", random_weights=random_weights,
         )  # fmt: skip
         written.append(f"maps/{name}")
     return written

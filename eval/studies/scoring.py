@@ -501,15 +501,29 @@ def _markdown(results: list[StudyResult]) -> str:
 def _plots(result: StudyResult, folder: Path) -> dict[str, Path]:
     from cytosyn.scoring.figures import plot_score_distributions
 
+    from ..figures import has_random_weights
+
     m = result.metrics
+    classes = {c.get("label") for c in m["plan"]["conditions"] if c.get("is_class")}
     groups: dict[str, dict[str, np.ndarray]] = {}
     for name, tiles in m["tiles"].items():
+        labels = tiles["labels"]
         for score, vals in tiles["scores"].items():
-            groups.setdefault(score, {})[name] = np.asarray(vals, dtype=np.float64)
+            vals = np.asarray(vals, dtype=np.float64)
+            if m["variant"] == "classify" and name == "heldout":  # known classes vs labels never trained on
+                known = np.array([lab in classes for lab in labels], dtype=bool)
+                groups.setdefault(score, {})["held-out, known classes"] = vals[known]
+                if (~known).any():
+                    groups[score]["held-out, unseen labels"] = vals[~known]
+            else:
+                groups.setdefault(score, {})[name] = vals
     if not groups:
         return {}
     path = plot_score_distributions(
-        groups, Path(folder) / "score_distributions.png", title="generative anomaly scores"
+        groups,
+        Path(folder) / "score_distributions.png",
+        title="generative anomaly scores",
+        random_weights=has_random_weights(result.generator),
     )
     return {"score_distributions": path}
 
