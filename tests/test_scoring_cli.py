@@ -105,6 +105,7 @@ def test_score_outputs_and_resume(setup, tmp_path):
         run_score(_cfg(setup, out, noise_seed=1))
 
 
+@pytest.mark.slow
 def test_parts_and_batch_sizes_give_the_same_table(setup, tmp_path):
     ref = tmp_path / "one"
     run_score(_cfg(setup, ref, grid=0, maps=0, **{"pruning.enabled": False}))
