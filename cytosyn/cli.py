@@ -54,6 +54,20 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if summary.failed else EXIT_OK
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from cytosyn.data_prep.ingest import run_ingest
+    from cytosyn.data_prep.ingest_config import IngestConfig
+
+    overrides = _overrides(args, {"output": "output"})
+    if args.folders:
+        overrides.append(f"inputs.folders=[{','.join(repr(str(p)) for p in args.folders)}]")
+    if args.csv:
+        overrides.append(f"inputs.csv=[{','.join(repr(str(p)) for p in args.csv)}]")
+    summary = run_ingest(load_config(IngestConfig, args.config, overrides))
+    print(summary.report())
+    return EXIT_OK
+
+
 def _cmd_pack(args: argparse.Namespace) -> int:
     from cytosyn.data_prep.pack import run_pack, verify_dataset
     from cytosyn.data_prep.pack_config import PackConfig
@@ -164,9 +178,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from cytosyn.demo import run_demo
+    from cytosyn.demo import DEFAULT_TRAIN_STEPS, run_demo
 
-    return run_demo(args.output, workers=args.workers, train_steps=args.train_steps)
+    steps = args.train_steps if args.train_steps is not None else DEFAULT_TRAIN_STEPS
+    return run_demo(args.output, workers=args.workers, train_steps=steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     tile.add_argument("--workers", type=int, help="worker processes (run.workers)")
     tile.add_argument("--part", help="i/N: take every N-th slide starting at i (SLURM arrays)")
     tile.set_defaults(func=_cmd_tile)
+
+    ingest = verbs.add_parser(
+        "ingest", help="tile datasets (class folders or a CSV) → tile shards with labels"
+    )
+    _add_config_args(ingest)
+    ingest.add_argument("--folders", nargs="+", type=Path, help="class folders: <folder>/<label>/<image>")
+    ingest.add_argument("--csv", nargs="+", type=Path, help="CSV: path,label,patient_id,slide_id,site,mpp")
+    ingest.add_argument("--output", type=Path, help="output folder (shorthand for output=...)")
+    ingest.set_defaults(func=_cmd_ingest)
 
     pack = verbs.add_parser("pack", help="per-slide shards → patient-level split datasets with manifests")
     _add_config_args(pack)
@@ -265,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="a tiny end-to-end run on bundled data")
     demo.add_argument("--output", type=Path, default=Path("demo_out"), help="demo folder (default demo_out)")
     demo.add_argument("--workers", type=int, default=1)
-    demo.add_argument("--train-steps", type=int, default=100, help="training steps of the tiny model")
+    demo.add_argument("--train-steps", type=int, default=None, help="training steps of the demo model")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -339,6 +339,13 @@ def parts_from_checkpoint(
     latent["rule"] = "denoiser space z = (vae_latent - shift) / scale; decode vae_latent = z * scale + shift"
     condition = train_cfg.get("data", {}).get("condition", features.get("cond_model"))
     vae = features.get("vae") or {}
+    vae_info = _vae_info(vae.get("model_id"), vae.get("weights"))
+    if vae_info.get("latent_channels") is not None and int(vae_info["latent_channels"]) != channels:
+        raise PipelineError(
+            f"autoencoder/latent mismatch: the checkpoint's model works on {channels}-channel latents, but the "
+            f"autoencoder it records, {vae.get('model_id')} ({vae.get('weights')}), makes "
+            f"{vae_info['latent_channels']}-channel latents"
+        )
     config: dict[str, Any] = {
         "format": RELEASE_FORMAT,
         "_class_name": "CytoSynPipeline",
@@ -348,7 +355,7 @@ def parts_from_checkpoint(
         "conditioning": conditioning_info(
             features.get("cond_model"), features.get("cond_weights"), features.get("cond_dim"), condition
         ),
-        "vae": _vae_info(vae.get("model_id"), vae.get("weights")),
+        "vae": vae_info,
         "sampler": {
             "conditional": sampler_preset("cytosyn_default").model_dump(mode="json"),
             "unconditional": sampler_preset("unconditional_default").model_dump(mode="json"),
@@ -376,12 +383,17 @@ def _vae_info(name: str | None, weights: str | None) -> dict[str, Any]:
 
         spec = get_vae_spec(name or "")
         info |= {
+            "kind": spec.kind,
             "hub_id": spec.hub_id,
             "subfolder": spec.subfolder,
+            "bundled": spec.bundled,
             "downsample": spec.downsample,
             "latent_channels": spec.latent_channels,
+            "deterministic": spec.deterministic,
             "licence": spec.licence,
-            "decode": "diffusers AutoencoderKL.decode of raw (unscaled) latents, clamped to [-1, 1]",
+            "decode": "diffusers AutoencoderKL.decode of raw (unscaled) latents, clamped to [-1, 1]"
+            if spec.kind == "diffusers-kl"
+            else "TAESD-family decoder (3·tanh(z/3) soft clamp inside) of raw latents, [0, 1] → [-1, 1], clamped",
         }
     except Exception as err:
         info["registry_note"] = f"not in this cytosyn's VAE registry ({err})"
@@ -718,7 +730,27 @@ class CytoSynPipeline:
             except VAEError as err:
                 raise PipelineError(f"cannot load the model's VAE: {err}") from None
             self._vae = vae.to(self.device)
+            self._vae_checked = False
+        if not getattr(self, "_vae_checked", False):
+            self._check_vae(self._vae)
         return self._vae
+
+    def _check_vae(self, vae) -> None:
+        """Refuse an autoencoder that is not the one the model's latents came from (naming both)."""
+        from cytosyn.models.vae import VAEError, check_vae_matches
+
+        info = dict(self.config.get("vae") or {})
+        info.setdefault("latent_channels", self.config["latent"]["channels"])
+        if int(info["latent_channels"]) != int(self.config["latent"]["channels"]):
+            raise PipelineError(
+                f"config.json: the VAE {info.get('name')} has {info['latent_channels']} latent channels but the "
+                f"model was trained on {self.config['latent']['channels']}"
+            )
+        try:
+            check_vae_matches(vae, info, "pipeline")
+        except VAEError as err:
+            raise PipelineError(str(err)) from None
+        self._vae_checked = True
 
     @property
     def encoder(self):

@@ -7,7 +7,8 @@ For every input shard of the split (in order, or this process's ``part`` of them
    a GPU, fp32 on CPU);
 3. write an output shard of the same name holding every original member byte for byte plus
    ``<encoder>.npy`` (fp16 CLS), ``<encoder>_patch.npy`` (fp16 patch tokens, when configured),
-   ``<encoder>_mean_patch.npy`` and ``vae.npy`` (fp16, shape (2, C, h, w): posterior mean and log-variance);
+   ``<encoder>_mean_patch.npy`` and ``vae.npy`` (fp16, shape (2, C, h, w): posterior mean and log-variance;
+   (1, C, h, w) for a deterministic autoencoder such as TAEF2: its latents, see :mod:`cytosyn.models.vae`);
 4. write a per-shard state (``.featurize/<shard>.json``) with the input and output hashes and the
    shard's latent sums, which makes the run resumable shard by shard.
 
@@ -191,7 +192,8 @@ class _LatentSums:
 
     def add(self, moments: np.ndarray) -> None:
         mean = moments[:, 0].astype(np.float64)  # (B, C, h, w)
-        var = np.exp(moments[:, 1].astype(np.float64))
+        # A deterministic autoencoder stores one row (its latents): no posterior variance.
+        var = np.exp(moments[:, 1].astype(np.float64)) if moments.shape[1] == 2 else np.zeros_like(mean)
         axes = (0, 2, 3)
         if self.sum is None:
             c = mean.shape[1]
@@ -422,8 +424,13 @@ def _finish_if_complete(cfg: FeaturizeConfig, manifest, settings: str, models: _
                 details=desc
                 | {
                     "dtype": "float16",
-                    "shape": [2, desc["latent_channels"], tile[0] // f, tile[1] // f],
-                    "layout": "axis 0: posterior mean, log-variance",
+                    "shape": [
+                        1 if desc["deterministic"] else 2,
+                        desc["latent_channels"],
+                        tile[0] // f,
+                        tile[1] // f,
+                    ],
+                    "layout": desc["moments_layout"],
                     "latent_stats": stats,
                 },
             )

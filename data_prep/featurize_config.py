@@ -21,8 +21,8 @@ class FeatureEncoderConfig(StrictModel):
 
 
 class FeatureVAEConfig(StrictModel):
-    name: str = "sd-vae-ft-ema"  # sd-vae-ft-ema | sd-vae-ft-mse | sd3.5-vae | tiny-f8
-    weights: Path | None = None  # local diffusers folder; None = the hub (when online)
+    name: str = "sd-vae-ft-ema"  # sd-vae-ft-ema | sd-vae-ft-mse | sd3.5-vae | taef2 | tiny-f8
+    weights: Path | None = None  # local diffusers folder (taef2: a .safetensors file); None = hub / bundled
     random_init: bool = False
     seed: int = 0
 

@@ -39,7 +39,7 @@ import re
 import shutil
 import struct
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -144,6 +144,7 @@ class SlideInput:
     signature: str
     settings_hash: str
     tile_identity: dict[str, Any]  # the identity recorded by the tiler (and in every tile's JSON)
+    label_table: dict[str, Any] | None = None  # {path, sha256} of the label table ingest applied
 
 
 @dataclass
@@ -292,6 +293,7 @@ def _usable_slide(sid: str, folder: Path, state: dict[str, Any], row: TableRow |
         signature=str(state.get("signature", "")),
         settings_hash=str(state.get("settings_hash", "")),
         tile_identity=identity,
+        label_table=state.get("label_table"),
     )
 
 
@@ -515,6 +517,7 @@ class _SplitPlan:
     positions: dict[str, np.ndarray]  # slide → output position of each chosen tile
     samples: int
     budget: int | None
+    labels: Counter = field(default_factory=Counter)  # tiles per label (JSON "label"; None = unlabelled)
 
 
 def _key_hash(key: str) -> int:
@@ -651,6 +654,13 @@ def run_pack(cfg: PackConfig) -> PackSummary:
                 "slides": {
                     s.slide_id: _slide_provenance(s) for s in sorted(p.slides, key=lambda s: s.slide_id)
                 },
+                # Label tables are data: the ones ingest applied to this split's tiles, by content hash.
+                "label_tables": [
+                    json.loads(t)
+                    for t in sorted(
+                        {json.dumps(s.label_table, sort_keys=True) for s in p.slides if s.label_table}
+                    )
+                ],
             },
             code_version=code_version(),
         )
@@ -701,6 +711,15 @@ def _split_stats(cfg: PackConfig, p: _SplitPlan) -> dict[str, Any]:
         "slides_per_project": dict(sorted(slides_project.items())),
         "patients_per_project": {k: len(v) for k, v in sorted(patients_project.items())},
         "tiles_per_tss": dict(sorted(tiles_tss.items())),
+        # Tiles per label (the tiles' JSON "label"); "(none)" counts unlabelled tiles. Empty: no labels.
+        "tiles_per_label": (
+            {
+                str(k) if k is not None else "(none)": v
+                for k, v in sorted(p.labels.items(), key=lambda kv: str(kv[0]))
+            }
+            if any(k is not None for k in p.labels)
+            else {}
+        ),
         "slides_per_tss": dict(sorted(slides_tss.items())),
         "patients_per_tss": {k: len(v) for k, v in sorted(patients_tss.items())},
         "sampling": {
@@ -740,6 +759,7 @@ class _ReadResult:
     image_members: dict[str, str]
     positions: dict[int, np.ndarray]  # split index → positions written
     key_hashes: dict[int, np.ndarray]  # split index → 64-bit hash of each written sample's key
+    labels: dict[int, Counter]  # split index → tiles per label
 
 
 def _map(executor: Executor | None, fn, tasks: list[tuple]) -> Iterator[Any]:
@@ -794,9 +814,10 @@ def _read_task(task: int, items: list[_ReadItem], work: Path, size: int, buffer_
     image_members: dict[str, str] = {}
     positions: dict[int, list[np.ndarray]] = defaultdict(list)
     hashes: dict[int, list[np.ndarray]] = defaultdict(list)
+    labels: dict[int, Counter] = defaultdict(Counter)
     for it in items:
         try:
-            count, digest, got_h = _read_input_shard(it, size, buckets, image_members)
+            count, digest, got_h = _read_input_shard(it, size, buckets, image_members, labels[it.split_index])
         except PackError as err:
             # A changed file shows up first as whatever broke in it; name the real cause.
             if sha256_file(it.path) != it.sha256:
@@ -815,11 +836,12 @@ def _read_task(task: int, items: list[_ReadItem], work: Path, size: int, buffer_
         image_members,
         {i: np.concatenate(v) for i, v in positions.items()},
         {i: np.concatenate(v) for i, v in hashes.items()},
+        dict(labels),
     )
 
 
 def _read_input_shard(
-    it: _ReadItem, size: int, buckets: _Buckets, image_members: dict[str, str]
+    it: _ReadItem, size: int, buckets: _Buckets, image_members: dict[str, str], labels: Counter
 ) -> tuple[int, str, np.ndarray]:
     """Read one input shard; returns (samples in it, its sha256, key hashes of the chosen samples)."""
     j = 0
@@ -831,7 +853,7 @@ def _read_input_shard(
         ordinal = it.first_ordinal + count
         count += 1
         if j < len(it.chosen) and it.chosen[j] == ordinal:
-            _check_meta(it.path, key, members, it.slide_id)
+            labels[_check_meta(it.path, key, members, it.slide_id).get("label")] += 1
             if image_members.setdefault(it.split, ext) != ext:
                 raise PackError(
                     f"split {it.split} mixes image members: {image_members[it.split]!r} and {ext!r} "
@@ -871,6 +893,9 @@ def _check_meta(path: Path, key: str, members: list[tuple[str, bytes]], slide_id
     missing = missing_tile_fields(meta)
     if missing:
         raise PackError(f"{path}: sample {key!r}: its .json lacks {missing}")
+    if meta.get("label") is not None and not isinstance(meta["label"], str):
+        raise PackError(f"{path}: sample {key!r}: label must be a string, got {meta['label']!r}")
+    return meta
 
 
 def _stream_inputs(
@@ -893,6 +918,8 @@ def _stream_inputs(
                         f"split {split} mixes image members {image_members[split]!r} and {ext!r}; "
                         "pack slides tiled with one codec format"
                     )
+            for i, counts in res.labels.items():
+                plans[i].labels.update(counts)
             for i, pos in res.positions.items():
                 key_hashes[i][pos] = res.key_hashes[i]
                 filled[i][pos] = True

@@ -117,7 +117,7 @@ def test_training_presets_validate():
     from cytosyn.training.config import TrainConfig
 
     root = Path(__file__).resolve().parent.parent / "configs"
-    for name in ("train_tiny.yaml", "train_sit_b2.yaml", "train_sit_xl2.yaml"):
+    for name in ("train_tiny.yaml", "train_demo.yaml", "train_sit_b2.yaml", "train_sit_xl2.yaml"):
         cfg = load_config(TrainConfig, root / name)
         if cfg.optim.global_batch:
             assert cfg.optim.global_batch == cfg.images_per_step
@@ -138,3 +138,17 @@ def test_featurize_example_config_validates():
 
     cfg = load_config(FeaturizeConfig, Path(__file__).resolve().parent.parent / "configs" / "featurize.yaml")
     assert cfg.encoders[0].outputs == ["cls", "patch"] and cfg.vae.name == "sd-vae-ft-ema"
+
+
+def test_ingest_preset_is_valid_once_inputs_are_given():
+    from pathlib import Path
+
+    from cytosyn.data_prep.ingest_config import IngestConfig
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    with pytest.raises(ConfigError, match="at least one class folder"):
+        load_config(IngestConfig, root / "ingest.yaml")
+    cfg = load_config(IngestConfig, root / "ingest.yaml", ["inputs.folders=[x]"])
+    assert (cfg.grid.tile_px, cfg.grid.mismatch, cfg.codec.reencode.format) == (224, "refuse", "png")
+    with pytest.raises(ConfigError, match=r"grid\.mismach"):
+        load_config(IngestConfig, root / "ingest.yaml", ["inputs.folders=[x]", "grid.mismach=skip"])

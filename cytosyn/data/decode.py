@@ -31,13 +31,15 @@ class DecodeSpec:
     image: bool  # decode the image
     json: bool  # parse the json
     arrays: tuple[str, ...]  # .npy members to decode, e.g. ("h0-mini.npy", "vae.npy")
+    label: bool = False  # the JSON's "label" → batch["label"] (strings) and batch["label_id"]
+    label_vocab: tuple[str, ...] = ()  # label_id = index in this tuple (-1: no label or not in it)
 
     @property
     def read_members(self) -> set[str]:
         out = set(self.arrays)
         if self.image:
             out.add(self.image_member)
-        if self.json:
+        if self.json or self.label:
             out.add("json")
         return out
 
@@ -115,14 +117,17 @@ def decode_sample(raw: RawSample, spec: DecodeSpec) -> dict[str, Any] | Failure:
     for name in spec.arrays:
         if name not in present:
             return Failure(MISSING_MEMBER, raw.shard, raw.key, name)
-    if spec.json:
+    if spec.json or spec.label:
         try:
             meta = json.loads(raw.data["json"])
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as err:
             return Failure(BAD_JSON, raw.shard, raw.key, str(err)[:200])
-        out["json"] = meta
+        if spec.json:
+            out["json"] = meta
+        if spec.label:
+            out["label"] = meta.get("label")
     for name in spec.arrays:
         try:
             arr = load_npy(raw.data[name])
@@ -163,6 +168,10 @@ def collate(
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
     if spec.json:
         batch["json"] = [s["json"] for s in samples]
+    if spec.label:
+        index = {name: i for i, name in enumerate(spec.label_vocab)}
+        batch["label"] = [s["label"] for s in samples]
+        batch["label_id"] = torch.tensor([index.get(s["label"], -1) for s in samples], dtype=torch.long)
     n = len(samples)
     for name in spec.arrays:
         first = samples[0][name]

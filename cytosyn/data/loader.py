@@ -71,7 +71,7 @@ class LoaderConfig(StrictModel):
     mode: Literal["epoch", "resampled"] = "epoch"
     shuffle_buffer: int = Field(1000, ge=0)  # samples a worker holds to shuffle (0 or 1 = no shuffle)
     seed: int = Field(0, ge=0)
-    members: list[str] | None = None  # members to decode: "image", "json", "<name>.npy"; None = all
+    members: list[str] | None = None  # "image", "json", "label", "<name>.npy"; None = all but label
     image_format: Literal["uint8", "float"] = "uint8"  # uint8 in [0, 255] or float32 in [-1, 1]
     verify_hashes: bool = False  # sha256-check each shard (once per worker process) before first use
     drop_last: bool = False  # drop each rank's last partial batch (then an epoch is not exact-once)
@@ -410,22 +410,33 @@ def _resolve_members(manifest: SplitManifest, members: list[str] | None) -> Deco
     features = tuple(f.member for f in manifest.features)
     if members is None:
         return DecodeSpec(image_member, True, True, features)
-    image = json_ = False
+    image = json_ = label = False
     arrays: list[str] = []
     for m in members:
         if m in ("image", image_member):
             image = True
         elif m == "json":
             json_ = True
+        elif m == "label":
+            label = True
         elif m.endswith(".npy"):
             if m not in arrays:
                 arrays.append(m)
         else:
             raise ValueError(
-                f"unknown member {m!r}: use 'image', 'json' or a '.npy' member "
+                f"unknown member {m!r}: use 'image', 'json', 'label' or a '.npy' member "
                 f"(this split's image member is {image_member!r}, features {list(features)})"
             )
-    return DecodeSpec(image_member, image, json_, tuple(arrays))
+    vocab: tuple[str, ...] = ()
+    if label:
+        per_label = manifest.stats.get("tiles_per_label") or {}
+        vocab = tuple(sorted(k for k in per_label if k != "(none)"))
+        if not vocab:
+            raise ValueError(
+                f"member 'label' asked for, but split {manifest.split!r} has no labelled tiles "
+                "(its manifest's stats.tiles_per_label is empty: ingest class folders or a CSV with labels)"
+            )
+    return DecodeSpec(image_member, image, json_, tuple(arrays), label, vocab)
 
 
 def _fingerprint(manifest: SplitManifest) -> str:

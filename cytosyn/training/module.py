@@ -40,6 +40,7 @@ from cytosyn.diffusion import BatchNormLatentNorm, FixedLatentNorm, sample_time
 from cytosyn.fileio import code_version
 from cytosyn.manifest import FeatureEntry, SplitManifest
 from cytosyn.models import align_tokens, build_sit, load_sit_state_dict, repa_loss
+from cytosyn.models.vae import latents_from_moments
 from cytosyn.training.config import TrainConfig
 from cytosyn.training.ema import EMA
 
@@ -70,6 +71,7 @@ def split_features(cfg: TrainConfig, manifest: SplitManifest, where: Path) -> di
         raise TrainingDataError(
             f"split {where}: vae.npy has no latent statistics in its manifest (re-run featurize)"
         )
+    deterministic = bool(vae.details.get("deterministic", False)) or int(vae.details["shape"][0]) == 1
     repa_dim = None
     if cfg.repa.weight > 0 and cfg.data.repa_target:
         target = _feature(manifest, f"{cfg.data.repa_target}.npy", where)
@@ -81,9 +83,18 @@ def split_features(cfg: TrainConfig, manifest: SplitManifest, where: Path) -> di
         "latent_channels": int(vae.details["shape"][1]),
         "latent_size": int(vae.details["shape"][2]),
         "latent_mean": stats["mean"],
-        # Training on samples z = mean + σ·ε normalises by their std; training on the means by the means' std.
-        "latent_std": stats["std"] if cfg.diffusion.sample_posterior else stats["mean_std"],
-        "vae": {"model_id": vae.model_id, "weights": vae.details.get("weights")},
+        # Training on samples z = mean + σ·ε normalises by their std; training on the means by the means' std
+        # (a deterministic autoencoder has no σ: both are the same).
+        "latent_std": stats["std"]
+        if cfg.diffusion.sample_posterior and not deterministic
+        else stats["mean_std"],
+        "vae": {
+            "model_id": vae.model_id,
+            "weights": vae.details.get("weights"),
+            "latent_channels": int(vae.details["shape"][1]),
+            "downsample": vae.details.get("downsample"),
+            "deterministic": deterministic,
+        },
         "repa_dim": repa_dim,
     }
     return info
@@ -183,9 +194,7 @@ class LatentDiffusionModule(L.LightningModule):
         )
 
     def _latents(self, moments: Tensor, eps: Tensor | None) -> Tensor:
-        moments = moments.to(self.device, torch.float32)
-        mean, logvar = moments[:, 0], moments[:, 1]
-        z = mean if eps is None else mean + torch.exp(0.5 * logvar) * eps
+        z = latents_from_moments(moments.to(self.device, torch.float32), eps)
         return self.net["latent_norm"].normalize(z)
 
     def _repa_targets(self, batch: dict[str, Any], grid: int) -> Tensor | None:
@@ -360,11 +369,13 @@ class LatentDiffusionModule(L.LightningModule):
 
     def _grid_vae(self):
         """The featurized split's VAE: rebuilt from its seed if random, else from validation.vae_weights."""
-        from cytosyn.models.vae import VAEError, load_vae_as_recorded
+        from cytosyn.models.vae import VAEError, check_vae_matches, load_vae_as_recorded
 
         info = self.features["vae"]
         try:
-            return load_vae_as_recorded(info["model_id"], info["weights"], self.cfg.validation.vae_weights)
+            vae = load_vae_as_recorded(info["model_id"], info["weights"], self.cfg.validation.vae_weights)
+            check_vae_matches(vae, info, "sample grid")
+            return vae
         except VAEError as err:
             raise TrainingDataError(f"sample grid: {err}") from None
 
@@ -443,8 +454,9 @@ class LatentDiffusionModule(L.LightningModule):
                 eps = (
                     torch.randn(moments[:, 0].shape, generator=g) if cfg.diffusion.sample_posterior else None
                 )
-                mean, logvar = moments[:, 0].to(self.device), moments[:, 1].to(self.device)
-                z = mean if eps is None else mean + torch.exp(0.5 * logvar) * eps.to(self.device)
+                z = latents_from_moments(
+                    moments.to(self.device), None if eps is None else eps.to(self.device)
+                )
                 x0 = net["latent_norm"].normalize(z)  # the same distribution as training, with fixed draws
                 noise = noise.to(self.device)
                 cond = cond.to(self.device)
