@@ -227,6 +227,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return cmd_status(args)
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from cytosyn.pipeline import PipelineError
+    from cytosyn.scoring.run import ScoreConfig, run_score
+
+    overrides = _overrides(args, {"model": "model", "input": "input", "output": "output", "part": "part"})
+    cfg = load_config(ScoreConfig, args.config, overrides)
+    try:
+        summary = run_score(cfg)
+    except PipelineError as err:
+        print(f"cytosyn score: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    print(summary.report())
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cytosyn.demo import DEFAULT_TRAIN_STEPS, run_demo
 
@@ -331,6 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cytosyn.launch.arrays import add_array_arguments
     from cytosyn.launch.launch import add_launch_arguments
+
+    score = verbs.add_parser(
+        "score", help="per-tile denoising errors: generative classification, anomaly and out-of-domain scores"
+    )
+    _add_config_args(score)
+    score.add_argument(
+        "--model", type=Path, help="release folder or training checkpoint / run folder (model=...)"
+    )
+    score.add_argument("--input", type=Path, help="split folder or image folder to score (input=...)")
+    score.add_argument("--output", type=Path, help="output folder (output=...)")
+    score.add_argument("--part", help="i/N: score input shards i, i+N, ... (one process per GPU)")
+    score.set_defaults(func=_cmd_score)
+
 
     launch = verbs.add_parser(
         "launch",

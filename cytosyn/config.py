@@ -148,6 +148,25 @@ def write_resolved_config(cfg: BaseModel, path: str | Path) -> Path:
     return atomic_write_text(Path(path), text)
 
 
+def guard_output_settings(folder: Path, path: Path, settings: dict[str, Any], digest: str, what: str) -> None:
+    """Record ``settings`` (and their hash) in the file ``path`` on first use of the output ``folder``;
+    later, refuse other settings.
+
+    A resumable verb calls this before writing into an output folder, so outputs made with different
+    settings never mix: the error names the differing keys (``what``: "samples", "scores", ...)."""
+    path = Path(path)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("hash") != digest:
+            diffs = config_differences(old.get("settings", {}), settings)
+            raise ConfigError(
+                f"output {folder} holds {what} made with other settings "
+                f"({'; '.join(diffs) or 'model or data changed'}); use another output folder or delete it"
+            )
+        return
+    atomic_write_text(path, json.dumps({"hash": digest, "settings": settings}, indent=1) + "\n")
+
+
 def parse_part(text: str) -> tuple[int, int]:
     """``"i/N"`` → (i, N) with 0 ≤ i < N: this process's share of the work (``--part``, SLURM arrays)."""
     try:

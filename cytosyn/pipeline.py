@@ -1014,11 +1014,7 @@ class CytoSynPipeline:
         output = (self.config.get("conditioning") or {}).get("output", "cls")
         if output not in ("cls", "mean_patch"):
             raise PipelineError(f"conditioning output {output!r} is not a vector; cannot embed for it")
-        arr = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
-        if arr.ndim == 3:
-            arr = arr[None]
-        if arr.ndim != 4 or arr.dtype != torch.uint8:
-            raise PipelineError(f"expected uint8 tiles (N, H, W, 3), got {tuple(arr.shape)} {arr.dtype}")
+        arr = uint8_tiles(images)
         outs = []
         for start in range(0, arr.shape[0], batch_size):
             batch = arr[start : start + batch_size].to(self.device)
@@ -1036,6 +1032,37 @@ class CytoSynPipeline:
         """More like this: embed ``reference_tiles`` with the conditioning encoder, then :meth:`generate`."""
         return self.generate(self.embed(reference_tiles), **kwargs)
 
+    # ---- scoring support (cytosyn.scoring measures denoising errors through these) -------------------
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of the normalised latents the denoiser works on."""
+        c = self.model.cfg
+        return (c.in_channels, c.input_size, c.input_size)
+
+    @property
+    def has_null_condition(self) -> bool:
+        """Whether the model has a learned null condition (every conditional SiT has one)."""
+        return self.model.cond_embedder is not None
+
+    @torch.no_grad()
+    def encode_latents(self, images: np.ndarray | Tensor, batch_size: int = 16) -> Tensor:
+        """uint8 tiles ``(N, H, W, 3)`` → normalised latents ``(N, C, h, w)`` float32 on the CPU: the VAE's
+        posterior mean, rounded to fp16 as featurize stores it, then normalised as in training."""
+        arr = uint8_tiles(images)
+        outs = []
+        for start in range(0, arr.shape[0], batch_size):
+            moments = self.vae.encode_moments(arr[start : start + batch_size].to(self.device))
+            mean = moments[:, 0].float().half().float()
+            outs.append(self.latent_norm.normalize(mean).float().cpu())
+        latents = torch.cat(outs)
+        if tuple(latents.shape[1:]) != self.latent_shape:
+            raise PipelineError(
+                f"the VAE gives latents of shape {tuple(latents.shape[1:])}, the model expects {self.latent_shape}: "
+                f"tiles of {arr.shape[1]}×{arr.shape[2]} px instead of {self.tile_px} px?"
+            )
+        return latents
+
     def null_embedding(self) -> Tensor:
         """The learned null condition (what unconditional sampling and CFG's second branch use)."""
         if self.model.cond_embedder is None:
@@ -1047,6 +1074,16 @@ class CytoSynPipeline:
             f"CytoSynPipeline({self.name}, {self.config['sit'].get('preset')}, "
             f"encoder={self.conditioning_encoder}, tile={self.tile_px}px@{self.mpp}mpp, device={self.device})"
         )
+
+
+def uint8_tiles(images: np.ndarray | Tensor) -> Tensor:
+    """``(N, H, W, 3)`` uint8 tiles as a tensor (one tile ``(H, W, 3)`` gets a batch axis), or a clear error."""
+    arr = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.dtype != torch.uint8:
+        raise PipelineError(f"expected uint8 tiles (N, H, W, 3), got {tuple(arr.shape)} {arr.dtype}")
+    return arr
 
 
 def is_release_folder(path: str | Path) -> bool:

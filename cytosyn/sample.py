@@ -42,10 +42,9 @@ from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 from cytosyn.config import (
-    ConfigError,
     StrictModel,
-    config_differences,
     config_hash,
+    guard_output_settings,
     parse_part,
     write_resolved_config,
 )
@@ -327,17 +326,7 @@ def _load_state(output: Path, shard: str, settings_hash: str) -> dict[str, Any] 
 
 
 def _check_settings(output: Path, settings: dict[str, Any], settings_hash: str) -> None:
-    path = output / STATE_DIR / SETTINGS_FILE
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("hash") != settings_hash:
-            diffs = config_differences(old.get("settings", {}), settings)
-            raise ConfigError(
-                f"output {output} holds samples made with other settings ({'; '.join(diffs) or 'model or data changed'}); "
-                f"use another output folder or delete it"
-            )
-        return
-    atomic_write_text(path, json.dumps({"hash": settings_hash, "settings": settings}, indent=1) + "\n")
+    guard_output_settings(output, output / STATE_DIR / SETTINGS_FILE, settings, settings_hash, "samples")
 
 
 def _clean_partials(output: Path, names: set[str]) -> None:

@@ -294,7 +294,10 @@ def _geometry(cfg: IngestConfig, r: TileRecord) -> dict[str, Any] | str:
     x0, y0 = round((w - side) / 2), round((h - side) / 2)
     read = (x0, y0, round(side), round(side))
     resize = None if (read[2], read[3]) == (g.tile_px, g.tile_px) else (g.tile_px, g.tile_px)
-    method = "none" if resize is None else ("box" if scale < 1 else "bicubic")
+    if resize is None:  # same scale: a centre crop when the source is larger, nothing otherwise
+        method = "none" if read == (0, 0, w, h) else "crop"
+    else:
+        method = "box" if scale < 1 else "bicubic"
     return {"resample": method, "read": read, "resize": resize}
 
 

@@ -1,6 +1,6 @@
 """``cytosyn eval``: one config → one report folder (metrics.json, report.md, plots, resolved config).
 
-`EvalConfig` names the study (``overfitting``, ``domain`` or ``sweep``: the modules of
+`EvalConfig` names the study (``overfitting``, ``domain``, ``sweep`` or ``scoring``: the modules of
 `cytosyn.eval.studies`, registered in ``STUDIES``), the generator — cytosyn's own
 release folder or training checkpoint, a PixCell diffusers folder, or a folder of already generated
 tiles — the reference splits, the extractors, the number of tiles, the seeds and the output folder.
@@ -13,6 +13,7 @@ sections and plots, the aggregate over seeds and the reference vs generated imag
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,7 +27,7 @@ from .figures import has_random_weights, render_image_grid
 from .harness import HarnessOptions, StudyResult
 from .images import ImageSet
 from .report import _jsonable, fmt, write_report
-from .studies import AugmentConfig, StudyContext, SweepConfig, get_study
+from .studies import AugmentConfig, ScoringStudyConfig, StudyContext, SweepConfig, get_study
 
 __all__ = [
     "CytoSynGeneratorConfig",
@@ -84,12 +85,12 @@ class ReferencesConfig(StrictModel):
     heldout: Path | None = None  # split folder (manifest.json), image folder or .tar: held-out patients
     train: Path | None = None  # training patients (overfitting study)
     reference: Path | None = None  # domain / sweep reference (default: heldout)
-    others: dict[str, Path] = {}  # domain study: other real sets to compare with (name → path)
+    others: dict[str, Path] = {}  # domain / scoring studies: other real sets (name → path), e.g. new domains
     mpp: float | None = Field(default=None, gt=0)  # for image folders without tile JSON
 
 
 class EvalConfig(StrictModel):
-    study: Literal["overfitting", "domain", "sweep", "augment"] = "overfitting"
+    study: Literal["overfitting", "domain", "sweep", "augment", "scoring"] = "overfitting"
     generator: GeneratorConfig | None = None  # every study but augment (which reads labelled sets) needs one
     references: ReferencesConfig = ReferencesConfig()
     extractors: list[str | dict[str, Any]] = Field(
@@ -102,6 +103,7 @@ class EvalConfig(StrictModel):
     generated_codec: str | dict[str, Any] = "lossless"  # e.g. {jpeg: 90} to match a JPEG-stored reference
     sweep: SweepConfig = SweepConfig()
     augment: AugmentConfig = AugmentConfig()
+    scoring: ScoringStudyConfig = ScoringStudyConfig()  # the scoring study (generative scores)
     n_boot: int = Field(default=200, ge=2)
     prdc_k: int = Field(default=5, ge=1)
     kid_subset_size: int = Field(default=1000, ge=2)
@@ -120,8 +122,8 @@ class EvalConfig(StrictModel):
         if self.generator is None and self.study != "augment":
             raise ValueError(f"the {self.study} study needs a generator")
         get_study(self.study).check_config(self)  # the study's own rules (e.g. which references it needs)
-        if self.references.others and self.study != "domain":
-            raise ValueError("references.others is used by the domain study only")
+        if self.references.others and self.study not in ("domain", "scoring"):
+            raise ValueError("references.others is used by the domain and scoring studies only")
         return self
 
 
@@ -248,6 +250,15 @@ def headline_intervals(result: StudyResult) -> dict[str, Any]:
     for cell in m.get("cells") or []:
         for ext, ci in cell["fd"].items():
             out[f"fd/{ext}/steps={cell['steps']},g={cell['guidance_scale']}"] = ci
+    for group, per in (m.get("separation_auc") or {}).items():  # the scoring study
+        for score, ci in per.items():
+            out[f"auc/{score}/{group}"] = ci
+    for name, c in (m.get("classification") or {}).items():
+        if c:
+            out[f"balanced_accuracy/{name}"] = c["balanced_accuracy"]
+            out[f"macro_f1/{name}"] = c["macro_f1"]
+    if m.get("frechet"):  # the scoring study's Fréchet numbers on the same sets
+        out |= headline_intervals(replace(result, metrics=m["frechet"]))
     return out
 
 

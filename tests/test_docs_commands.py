@@ -50,6 +50,7 @@ RUNNERS = {
     "sample": ("cytosyn.sample", "run_sample"),
     "release": ("cytosyn.release", "run_release_config"),
     "eval": ("cytosyn.eval.run", "run_eval"),
+    "score": ("cytosyn.scoring.run", "run_score"),
 }
 
 

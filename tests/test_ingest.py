@@ -160,6 +160,16 @@ def test_other_sizes_refused_skipped_resampled_or_stretched_as_configured(tmp_pa
         Image.open(io.BytesIO(image)).size == (128, 128) and meta["resample"] == "box"
     )  # 0.495 → 0.5 µm/px shrinks
     assert meta["read_size"] == [129, 129] and meta["effective_mpp"] == [pytest.approx(0.4988, abs=1e-3)] * 2
+    # same mpp, larger tiles: a centre crop, never the original bytes under the target's size and mpp
+    crop = run_ingest(
+        _cfg(tmp_path / "cr", inputs={"folders": [str(CRC / "crc_val_he_7k_png")]},
+             grid={"mismatch": "resample", "tile_px": 128})
+    )  # fmt: skip
+    assert crop.tiles == 32 and crop.resampled == 32
+    for key, (meta, image, _) in _tiles(tmp_path / "cr").items():
+        src = np.asarray(Image.open(CRC / "crc_val_he_7k_png" / meta["source"]["file"]).convert("RGB"))
+        assert meta["resample"] == "crop" and meta["read_size"] == [128, 128] and (meta["x"], meta["y"]) == (48, 48)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(image))), src[48:176, 48:176]), key
     stretch = run_ingest(
         _cfg(tmp_path / "st", inputs=folders, grid={"source_mpp": 0.495, "mismatch": "stretch"})
     )

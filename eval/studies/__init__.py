@@ -17,6 +17,8 @@ from .domain import domain_study
 from .jpeg import DEFAULT_QUALITIES, JpegStudyResult, jpeg_study, lossless_roundtrip_check, study_codecs
 from .overfitting import STUDY as _OVERFITTING
 from .overfitting import memorisation, overfitting_study
+from .scoring import STUDY as _SCORING
+from .scoring import ScoringStudyConfig, scoring_study
 from .sweep import STUDY as _SWEEP
 from .sweep import SweepConfig, sweep_study
 
@@ -25,6 +27,7 @@ __all__ = [
     "STUDIES",
     "AugmentConfig",
     "JpegStudyResult",
+    "ScoringStudyConfig",
     "Study",
     "StudyContext",
     "SweepConfig",
@@ -36,12 +39,13 @@ __all__ = [
     "lossless_roundtrip_check",
     "memorisation",
     "overfitting_study",
+    "scoring_study",
     "study_codecs",
     "sweep_study",
 ]
 
 #: ``EvalConfig.study`` name → the study's hooks (the config's ``study`` Literal lists the same names).
-STUDIES: dict[str, Study] = {s.name: s for s in (_OVERFITTING, _DOMAIN, _SWEEP, _AUGMENT)}
+STUDIES: dict[str, Study] = {s.name: s for s in (_OVERFITTING, _DOMAIN, _SWEEP, _AUGMENT, _SCORING)}
 
 
 def get_study(name: str) -> Study:
