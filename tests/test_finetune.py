@@ -134,13 +134,13 @@ def lora_run(base, tmp_path_factory) -> dict:
 
 
 def test_lora_trains_only_the_adapter_and_leaves_the_base_bit_identical(base, lora_run):
-    from safetensors.torch import load_file
+    from cytosyn.pipeline import CytoSynPipeline
 
     ckpt = torch.load(
         lora_run["run_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
     )
     state = ckpt["state_dict"]
-    base_state = load_file(str(base["release"] / "model.safetensors"))
+    base_state = CytoSynPipeline.from_pretrained(base["release"], device="cpu").state_dict()
     changed_lora, compared = 0, 0
     for key, value in state.items():
         if not key.startswith("net.model."):

@@ -75,7 +75,7 @@ class FewShotSelection:
 
 
 def class_seed(seed: int, name: str) -> int:
-    from cytosyn.training.module import sample_seed
+    from cytosyn.training.randomness import sample_seed
 
     return sample_seed("few-shot", seed, name)
 

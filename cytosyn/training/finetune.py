@@ -246,7 +246,8 @@ class FinetuneModule(LatentDiffusionModule):
         if cfg.method == "lora":
             inject_lora(model, cfg.lora)
         self.trainable = mark_trainable(model, cfg.method)
-        self.ema = EMA(self.net, decay=cfg.ema.decay, warmup=cfg.ema.warmup, buffers="copy")
+        # Replaces the base class's EMA, outside the module tree like it (see cytosyn.training.module).
+        object.__setattr__(self, "ema", EMA(self.net, decay=cfg.ema.decay, warmup=cfg.ema.warmup, buffers="copy"))
         n_train = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.net.parameters())
         log.info(

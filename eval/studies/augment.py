@@ -206,7 +206,7 @@ def check_protocol(
 # ------------------------------------------------------------------------------------------ study
 def _draw(synthetic: LabelledSet, classes: list[str], n: int, seed: int) -> tuple[np.ndarray, list[str]]:
     """Indices of n synthetic tiles per class (nested across n for one seed); notes when a class has fewer."""
-    from cytosyn.training.module import sample_seed
+    from cytosyn.training.randomness import sample_seed
 
     idx: list[int] = []
     notes: list[str] = []
