@@ -391,7 +391,7 @@ def _vae_info(name: str | None, weights: str | None) -> dict[str, Any]:
             "kind": spec.kind,
             "hub_id": spec.hub_id,
             "subfolder": spec.subfolder,
-            "bundled": spec.bundled,
+            "shipped_in_package": spec.bundled,  # weights inside cytosyn (not a release vae/ folder)
             "downsample": spec.downsample,
             "latent_channels": spec.latent_channels,
             "deterministic": spec.deterministic,

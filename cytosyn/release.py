@@ -311,6 +311,9 @@ def render_model_card(config: dict[str, Any]) -> str:
         + (
             "The autoencoder is bundled in `vae/`."
             if vae.get("bundled")
+            else f"The autoencoder `{vae.get('name')}` ships inside cytosyn and loads by name (its sha256 is "
+            "checked)."
+            if vae.get("shipped_in_package")
             else "The autoencoder is referenced, not bundled: pass its local weights as `vae_weights=` "
             "(its sha256 must match the one below) or a loaded one as `vae=`."
         ),
@@ -556,7 +559,11 @@ def _components_section(cond: dict[str, Any], vae: dict[str, Any]) -> list[str]:
             f"`{vae.get('name')}`",
             vae.get("hub_id") or "local / registry",
             f"`{(bundled.get('weights') if isinstance(bundled, dict) else None) or vae.get('weights')}`",
-            "bundled in `vae/`" if bundled else "referenced (name + weights hash)",
+            "bundled in `vae/`"
+            if bundled
+            else "shipped inside cytosyn (name + weights hash)"
+            if vae.get("shipped_in_package")
+            else "referenced (name + weights hash)",
             vae.get("licence") or "see its source",
         ]
     ]
