@@ -391,9 +391,27 @@ def load_vae(
     spec = get_vae_spec(name)
     if random_init and weights is not None:
         raise VAEError(f"VAE {name!r}: random_init and weights are exclusive")
-    if spec.kind == "taesd":
-        return _load_tiny(spec, weights, random_init, seed)
-    return _load_diffusers(spec, weights, random_init, seed)
+    tuned = _tuned_descriptor(weights, name)
+    vae = _load_tiny(spec, weights, random_init, seed) if spec.kind == "taesd" else None
+    vae = vae or _load_diffusers(spec, weights, random_init, seed)
+    if tuned is not None and tuned["weights"] != vae.weights_id:
+        raise VAEError(
+            f"tuned VAE {weights}: its weights hash to {vae.weights_id}, its descriptor says {tuned['weights']}"
+        )
+    return vae
+
+
+def _tuned_descriptor(weights: str | Path | None, name: str) -> dict[str, Any] | None:
+    """A VAE tuned by cytosyn (a folder with ``tuned_vae.json``): verified against its SHA256SUMS and its
+    base entry before anything is loaded (see :mod:`cytosyn.models.tuned_vae`)."""
+    from cytosyn.models.tuned_vae import TunedVAEError, is_tuned_folder, verify_tuned_folder
+
+    if not is_tuned_folder(weights):
+        return None
+    try:
+        return verify_tuned_folder(weights, base=name)  # type: ignore[arg-type]
+    except TunedVAEError as err:
+        raise VAEError(str(err)) from None
 
 
 def load_vae_as_recorded(name: str, recorded: str | None, weights: str | Path | None = None) -> LatentVAE:
