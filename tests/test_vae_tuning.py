@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from vae_helpers import packed_crc_tiles
 
 from cytosyn.config import ConfigError, build_config
 from cytosyn.training.vae_tuning import TuneVAEConfig, VAETuneError, run_vae_tuning
@@ -16,32 +17,7 @@ from cytosyn.training.vae_tuning import TuneVAEConfig, VAETuneError, run_vae_tun
 
 @pytest.fixture(scope="module")
 def crc_dataset(tmp_path_factory) -> Path:
-    """The shipped CRC tiles (224 px at 0.5 µm/px) ingested and packed into train / val by patient."""
-    from cytosyn.data_prep.ingest import run_ingest
-    from cytosyn.data_prep.ingest_config import IngestConfig
-    from cytosyn.data_prep.pack import run_pack
-    from cytosyn.data_prep.pack_config import PackConfig
-
-    from cytosyn.demo import bundled_crc_tiles
-
-    root = tmp_path_factory.mktemp("crc")
-    crc = bundled_crc_tiles()
-    ingest = {
-        "output": str(root / "tiles"),
-        "inputs": {"csv": [str(crc / "manifest.csv")]},
-        "identity": {"rule": "per_tile", "site": "CRC", "project": "CRC"},
-        "grid": {"mismatch": "skip"},
-    }
-    run_ingest(build_config(IngestConfig, ingest))
-    pack = {
-        "output": str(root / "dataset"),
-        "inputs": {"tiles": [str(root / "tiles")]},
-        "split": {"ratios": {"train": 0.8, "val": 0.2}, "stratify": "none"},
-        "shards": {"samples_per_shard": 64},
-        "run": {"progress": False},
-    }
-    run_pack(build_config(PackConfig, pack))
-    return root / "dataset"
+    return packed_crc_tiles(tmp_path_factory.mktemp("crc"))
 
 
 def tune_cfg(dataset: Path, run_dir: Path, **sections) -> TuneVAEConfig:

@@ -337,6 +337,7 @@ class _Tuner:
         extra: dict[str, Tensor] = {}
         if self.e2e is not None:
             total, extra = self.e2e.vae_repa_term(total, post, batch, self.step)
+            terms["total"] = total
         self.opt_vae.zero_grad(set_to_none=True)
         total.backward()
         ok = self._clip_and_step(self.opt_vae, self.ae.parameters(), total)
@@ -509,6 +510,7 @@ def run_vae_tuning(cfg: TuneVAEConfig, force: bool = False) -> TuneResult:
     }
     if tuner.e2e is not None:
         descriptor["e2e"] = tuner.e2e.describe()
+        tuner.e2e.export_sit(run_dir / "stage1_sit.pt")
     tuner.ae.eval()
     desc = export_tuned_vae(tuner.ae.wrapper, cfg.export_dir, descriptor, report)
     return TuneResult(tuner.step, tuner.skipped, cfg.export_dir, desc, report, tuner.history)
