@@ -93,7 +93,7 @@ def test_diffusion_gradient_never_reaches_the_vae_and_repa_does(crc_dataset, tmp
     # sit_update refuses latents that still carry the VAE's graph
     z = tuner0.ae.encode(torch.zeros(2, 3, 64, 64)).z
     with pytest.raises(ValueError, match="detached"):
-        tuner0.e2e.sit_update(z, _first_batch(cfg0), 0)
+        tuner0.e2e.sit_update(z, _first_batch(cfg0), 0, tuner0._clip_and_step)
 
 
 def test_e2e_exact_resume_and_stage1_sit_loads_with_latent_statistics(crc_dataset, tmp_path):

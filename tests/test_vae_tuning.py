@@ -242,3 +242,33 @@ def test_cli_tune_vae_runs_and_reports(crc_dataset, tmp_path, capsys):
         ]
     )
     assert rc == 1 and "nowhere" in capsys.readouterr().err
+
+
+def test_non_finite_loss_skips_the_update_and_counts_it(crc_dataset, tmp_path, monkeypatch):
+    import cytosyn.training.vae_losses as losses
+    from cytosyn.training.vae_tuning import _Tuner
+
+    original = losses.autoencoder_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        terms = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second step's VAE loss is NaN
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(losses, "autoencoder_losses", poisoned)
+    cfg = tune_cfg(crc_dataset, tmp_path / "run", data={"heldout": None}, losses={"gan_start": 100})
+    tuner = _Tuner(cfg, torch.device("cpu"))
+    from cytosyn.data import LoaderConfig, build_loader
+
+    loader = build_loader(cfg.data.train, LoaderConfig(batch_size=2, num_workers=0, members=["image"]))
+    batches = iter(loader)
+    tuner.train_step(next(batches))
+    before = {k: v.clone() for k, v in tuner.ae.net.state_dict().items()}
+    row = tuner.train_step(next(batches))
+    assert row["skipped"] == 1.0 and tuner.skipped == 1
+    for key, value in tuner.ae.net.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # nothing moved
+    assert tuner.train_step(next(batches))["skipped"] == 0.0 and tuner.skipped_in_a_row == 0

@@ -25,6 +25,7 @@ fresh SiT on the tuned VAE's latents (stage 2, ``cytosyn featurize`` + ``cytosyn
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,8 +155,12 @@ class E2EPart:
         loss = repa_loss(tokens, targets)
         return total + self.cfg.vae_repa_weight * loss, {"vae_repa": loss}
 
-    def sit_update(self, z: Tensor, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        """The SiT update on detached latents: velocity MSE + sit_repa_weight × REPA; EMA."""
+    def sit_update(
+        self, z: Tensor, batch: dict[str, Any], step: int, clip_and_step: Callable[..., bool]
+    ) -> dict[str, Tensor]:
+        """The SiT update on detached latents: velocity MSE + sit_repa_weight × REPA; EMA.
+        ``clip_and_step(opt, params, loss, clip)`` clips, and steps unless the loss or gradient norm is not
+        finite (then the step is skipped and counted by the caller)."""
         from cytosyn.models import repa_loss
 
         self.phase = "sit"
@@ -171,15 +176,11 @@ class E2EPart:
         loss = diff + self.cfg.sit_repa_weight * repa
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(list(self.sit.parameters()), self.cfg.sit_grad_clip)
-        skipped = not (bool(torch.isfinite(loss)) and bool(torch.isfinite(norm)))
-        if skipped:
-            self.opt.zero_grad(set_to_none=True)
-        else:
-            self.opt.step()
+        ok = clip_and_step(self.opt, self.sit.parameters(), loss, self.cfg.sit_grad_clip)
+        if ok:
             self.ema.update(self.net)
         self.phase = "idle"
-        return {"diffusion": diff, "sit_repa": repa, "sit_skipped": torch.tensor(float(skipped))}
+        return {"diffusion": diff, "sit_repa": repa, "sit_skipped": torch.tensor(float(not ok))}
 
     # ---- state -----------------------------------------------------------------------------------------
 

@@ -342,7 +342,7 @@ class _Tuner:
         total.backward()
         ok = self._clip_and_step(self.opt_vae, self.ae.parameters(), total)
         if self.e2e is not None:
-            extra |= self.e2e.sit_update(post.z.detach(), batch, self.step)
+            extra |= self.e2e.sit_update(post.z.detach(), batch, self.step, self._clip_and_step)
         d_loss = torch.zeros((), device=self.device)
         if use_gan:
             self.disc.requires_grad_(True)
@@ -358,10 +358,13 @@ class _Tuner:
         self.step += 1
         return row
 
-    def _clip_and_step(self, opt: torch.optim.Optimizer, params, loss: Tensor) -> bool:
+    def _clip_and_step(
+        self, opt: torch.optim.Optimizer, params, loss: Tensor, clip: float | None = None
+    ) -> bool:
         """Clip and step unless the loss or the gradient norm is not finite (then skipped and counted)."""
         params = [p for p in params if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip) if params else torch.zeros(())
+        clip = self.cfg.optim.grad_clip if clip is None else clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
         if not (math.isfinite(float(loss.detach())) and math.isfinite(float(norm))):
             opt.zero_grad(set_to_none=True)
             self.skipped += 1
