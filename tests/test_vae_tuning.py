@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from vae_helpers import packed_crc_tiles
@@ -272,3 +273,83 @@ def test_non_finite_loss_skips_the_update_and_counts_it(crc_dataset, tmp_path, m
     for key, value in tuner.ae.net.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # nothing moved
     assert tuner.train_step(next(batches))["skipped"] == 0.0 and tuner.skipped_in_a_row == 0
+
+
+@pytest.mark.slow
+def test_tuned_vae_round_trip_featurize_train_release_sample(crc_dataset, tmp_path):
+    """export → featurize → train → release → sample with the tuned VAE; the release names its hash and
+    refuses the untuned VAE."""
+    from cytosyn.data_prep.featurize import run_featurize
+    from cytosyn.data_prep.featurize_config import FeaturizeConfig
+
+    from cytosyn.pipeline import CytoSynPipeline
+    from cytosyn.release import run_release
+    from cytosyn.training.config import TrainConfig
+    from cytosyn.training.run import run_training
+
+    tuned = run_vae_tuning(tune_cfg(crc_dataset, tmp_path / "tune", max_steps=3, data={"heldout": None}))
+    folder, weights = tuned.export, tuned.descriptor["weights"]
+    run_featurize(
+        build_config(
+            FeaturizeConfig,
+            {
+                "input": str(crc_dataset / "train"),
+                "output": str(tmp_path / "features"),
+                "encoders": [{"name": "vit-tiny16", "random_init": True, "outputs": ["cls"]}],
+                "vae": {"name": "tiny-f8", "weights": str(folder)},
+                "batch_size": 8,
+                "device": "cpu",
+                "decode_check": 0,
+                "progress": False,
+            },
+        )
+    )
+    train = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {
+            "train": str(tmp_path / "features"),
+            "condition": "vit-tiny16",
+            "repa_target": None,
+            "batch_size": 8,
+            "num_workers": 0,
+            "shuffle_buffer": 8,
+        },
+        "model": {"preset": "SiT-T/2"},
+        "repa": {"weight": 0.0},
+        "optim": {"lr": 1e-3},
+        "ema": {"decay": 0.5},
+        "trainer": {
+            "max_steps": 3,
+            "accelerator": "cpu",
+            "log_every_n_steps": 1,
+            "checkpoint_every_n_steps": 3,
+        },
+        "validation": {"every_n_steps": 0},
+        "logging": {"wandb": "disabled"},
+    }
+    run_training(build_config(TrainConfig, train))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    release = tmp_path / "release"
+    run_release(ckpt, release, bundle_vae=True, vae_weights=folder)
+    config = json.loads((release / "config.json").read_text())
+    assert config["vae"]["weights"] == weights and config["vae"]["name"] == "tiny-f8"
+    pipe = CytoSynPipeline.from_pretrained(release, device="cpu")
+    fast = {"method": "euler", "steps": 2, "guidance_scale": 1.0}
+    tiles = pipe.generate(None, num_images=2, sampler=fast, seed=0)
+    assert tiles.shape == (2, 224, 224, 3) and tiles.dtype == np.uint8
+    # a referenced release decodes only with the tuned VAE: the base (untuned) one is refused
+    referenced = tmp_path / "referenced"
+    run_release(ckpt, referenced)
+    base = tmp_path / "base_vae"
+    from cytosyn.models.vae import load_vae
+
+    load_vae("tiny-f8", random_init=True).vae.save_pretrained(str(base))
+    from cytosyn.pipeline import PipelineError
+
+    with pytest.raises(PipelineError, match="differ from the recorded ones") as refused:
+        CytoSynPipeline.from_pretrained(referenced, device="cpu", vae_weights=base).generate(
+            None, num_images=1, sampler=fast, seed=0
+        )
+    assert weights in str(refused.value)  # the error names the VAE the release decodes with
+    ok = CytoSynPipeline.from_pretrained(referenced, device="cpu", vae_weights=folder)
+    assert np.array_equal(ok.generate(None, num_images=2, sampler=fast, seed=0), tiles)
