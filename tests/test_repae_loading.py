@@ -183,3 +183,35 @@ def test_training_init_from_repae_checkpoint_uses_its_latent_statistics(tmp_path
     base["model"]["init_latent_stats"] = "split"
     module = LatentDiffusionModule(TrainConfig.model_validate(base), features)
     torch.testing.assert_close(module.net["latent_norm"].std, torch.ones(4))
+
+
+def test_repae_e2e_vae_checkpoint_loads_as_an_autoencoder_entry(tmp_path):
+    """REPA-E's VAE checkpoints (latent-diffusion key layout, recorded from its f8d4 autoencoder; random
+    fp16 weights here) load strictly as the sd-vae entry, alone or inside a REPA-E training checkpoint."""
+    import argparse
+
+    from cytosyn.models.vae import VAEError, load_vae
+
+    layout = json.loads((Path(__file__).parent / "fixtures" / "repae_vae_f8d4_layout.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(s, generator=g) * 0.02).half() for k, s in layout["keys"].items()}
+    e2e = tmp_path / "e2e-sdvae-400k.pt"
+    torch.save(state, e2e)
+    vae = load_vae("sd-vae-ft-ema", e2e)
+    net = vae.vae
+    torch.testing.assert_close(net.encoder.conv_in.weight, state["encoder.conv_in.weight"].float())
+    torch.testing.assert_close(net.quant_conv.weight, state["quant_conv.weight"].float())
+    q = state["encoder.mid.attn_1.q.weight"].float()
+    torch.testing.assert_close(net.encoder.mid_block.attentions[0].to_q.weight, q.reshape(q.shape[0], -1))
+    moments = vae.encode_moments(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    assert moments.shape == (1, 2, 4, 4, 4) and bool(torch.isfinite(moments).all())
+
+    # the same autoencoder inside a REPA-E training checkpoint (with its argparse arguments)
+    full = tmp_path / "0400000.pt"
+    torch.save({"vae": state, "model": {}, "ema": {}, "args": argparse.Namespace(vae="f8d4")}, full)
+    assert load_vae("sd-vae-ft-ema", full).weights_id == vae.weights_id
+    # another architecture is refused, naming the keys
+    broken = tmp_path / "broken.pt"
+    torch.save({k: v for k, v in state.items() if k != "decoder.conv_out.weight"}, broken)
+    with pytest.raises(VAEError, match="missing"):
+        load_vae("sd-vae-ft-ema", broken)

@@ -26,6 +26,7 @@ shift are recorded for reference (and for PixCell-style models that use them), n
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -354,14 +355,18 @@ def _load_diffusers(spec: VAESpec, weights: str | Path | None, random_init: bool
             raise VAEError(
                 f"VAE weights path {path} does not exist (expected a diffusers folder with config.json)"
             )
+        from cytosyn.models.vae_checkpoints import SINGLE_FILE_SUFFIXES, autoencoder_from_single_file
+
         try:
+            if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:  # e.g. REPA-E's E2E-VAE .pt
+                return _wrap_single_file(spec, autoencoder_from_single_file(spec.config, path))
             vae = AutoencoderKL.from_pretrained(
                 str(path),
                 subfolder=spec.subfolder
                 if (path / (spec.subfolder or "")).is_dir() and spec.subfolder
                 else None,
             )
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
             raise VAEError(
                 f"VAE {name!r}: cannot load a diffusers AutoencoderKL from {path}: {err}"
             ) from None
@@ -380,6 +385,10 @@ def _load_diffusers(spec: VAESpec, weights: str | Path | None, random_init: bool
             f"VAE {name!r}: the loaded weights have {vae.config.latent_channels} latent channels, the registry "
             f"entry {spec.latent_channels}"
         )
+    return DiffusersVAE(spec, vae, f"sha256:{sha256_state_dict(vae.state_dict())}")
+
+
+def _wrap_single_file(spec: VAESpec, vae: nn.Module) -> DiffusersVAE:
     return DiffusersVAE(spec, vae, f"sha256:{sha256_state_dict(vae.state_dict())}")
 
 
