@@ -140,3 +140,14 @@ def test_e2e_refuses_a_sit_checkpoint_of_another_latent_space(crc_dataset, tmp_p
     cfg = e2e_cfg(crc_dataset, tmp_path / "run", sit_init_from=str(tmp_path / "sit16.pt"))
     with pytest.raises(ValueError, match="latent channels"):
         _Tuner(cfg, torch.device("cpu"))
+
+
+def test_bf16_e2e_step_keeps_losses_and_weights_in_fp32(crc_dataset, tmp_path):
+    cfg = e2e_cfg(crc_dataset, tmp_path).model_copy(update={"precision": "bf16"})
+    tuner = _Tuner(cfg, torch.device("cpu"))
+    row = tuner.train_step(_first_batch(cfg))
+    assert row["skipped"] == 0.0 and row["sit_skipped"] == 0.0
+    assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
+    params = [*tuner.ae.parameters(), *tuner.e2e.sit.parameters(), *tuner.disc.parameters()]
+    assert {p.dtype for p in params} == {torch.float32}
+    assert tuner.e2e.norm.running_var.dtype == torch.float32

@@ -68,6 +68,7 @@ class E2EPart:
         from cytosyn.training.ema import EMA
 
         self.cfg, self.device, self.seed = cfg, device, tune_cfg.seed
+        self.precision = tune_cfg.precision
         self._crop: int | None = tune_cfg.data.crop
         self.encoder = load_encoder(
             cfg.encoder, cfg.encoder_weights, random_init=cfg.encoder_random_init, seed=tune_cfg.seed
@@ -108,6 +109,11 @@ class E2EPart:
         self.phase = "idle"  # "vae" / "sit" while that update runs (tests hook on it)
         self._draws: tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None] | None = None
 
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
     def loader_members(self) -> list[str]:
         return []  # everything comes from the images
 
@@ -128,7 +134,7 @@ class E2EPart:
         images = random_crop(batch["image"], self._crop, step_generator(self.seed, step, 1))
         from cytosyn.models import align_tokens
 
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             out = self.encoder(images.to(self.device), ("cls", "patch"))
         targets = align_tokens(out["patch"].float(), self.sit.cfg.grid_size, mode=self.cfg.alignment)
         cond = out["cls"].float() if self.cfg.condition == "cls" else None
@@ -138,7 +144,8 @@ class E2EPart:
     def _sit_forward(self, x0: Tensor, t: Tensor, noise: Tensor, drop: Tensor, cond: Tensor | None):
         tb = t.view(-1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * noise
-        return self.sit(x_t, t, cond, uncond_mask=drop, return_repa=True)
+        with self.autocast():  # the SiT under bf16 autocast when asked; the losses are computed in fp32
+            return self.sit(x_t, t, cond, uncond_mask=drop, return_repa=True)
 
     def vae_repa_term(
         self, total: Tensor, post: Any, batch: dict[str, Any], step: int

@@ -115,7 +115,7 @@ class TuneVAEConfig(StrictModel):
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(10, ge=1)
     device: str = "auto"  # auto: cuda when available
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: networks under autocast; losses/norms stay fp32
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: networks under autocast; losses, norms, weights fp32
     export: Path | None = None  # the tuned VAE folder; default <run_dir>/vae
     vae: TuneVAESection = Field(default_factory=TuneVAESection)
     data: TuneDataSection = Field(default_factory=TuneDataSection)
