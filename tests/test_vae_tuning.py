@@ -279,6 +279,7 @@ def test_non_finite_loss_skips_the_update_and_counts_it(crc_dataset, tmp_path, m
 def test_tuned_vae_round_trip_featurize_train_release_sample(crc_dataset, tmp_path):
     """export → featurize → train → release → sample with the tuned VAE; the release names its hash and
     refuses the untuned VAE."""
+    from conftest import tiny_train_config
     from cytosyn.data_prep.featurize import run_featurize
     from cytosyn.data_prep.featurize_config import FeaturizeConfig
 
@@ -295,7 +296,7 @@ def test_tuned_vae_round_trip_featurize_train_release_sample(crc_dataset, tmp_pa
             {
                 "input": str(crc_dataset / "train"),
                 "output": str(tmp_path / "features"),
-                "encoders": [{"name": "vit-tiny16", "random_init": True, "outputs": ["cls"]}],
+                "encoders": [{"name": "vit-tiny16", "random_init": True, "outputs": ["cls", "patch"]}],
                 "vae": {"name": "tiny-f8", "weights": str(folder)},
                 "batch_size": 8,
                 "device": "cpu",
@@ -304,29 +305,11 @@ def test_tuned_vae_round_trip_featurize_train_release_sample(crc_dataset, tmp_pa
             },
         )
     )
-    train = {
-        "run_dir": str(tmp_path / "run"),
-        "data": {
-            "train": str(tmp_path / "features"),
-            "condition": "vit-tiny16",
-            "repa_target": None,
-            "batch_size": 8,
-            "num_workers": 0,
-            "shuffle_buffer": 8,
-        },
-        "model": {"preset": "SiT-T/2"},
-        "repa": {"weight": 0.0},
-        "optim": {"lr": 1e-3},
-        "ema": {"decay": 0.5},
-        "trainer": {
-            "max_steps": 3,
-            "accelerator": "cpu",
-            "log_every_n_steps": 1,
-            "checkpoint_every_n_steps": 3,
-        },
-        "validation": {"every_n_steps": 0},
-        "logging": {"wandb": "disabled"},
-    }
+    features = tmp_path / "features"
+    train = tiny_train_config({"train": features, "val": features}, tmp_path / "run")
+    train["trainer"] |= {"max_steps": 3, "checkpoint_every_n_steps": 3}
+    train["validation"] = {"every_n_steps": 0}
+    train["logging"] = {"wandb": "disabled"}
     run_training(build_config(TrainConfig, train))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     release = tmp_path / "release"

@@ -22,20 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from cytosyn.compat import import_torchvision
+from cytosyn.fileio import sha256_file
 
 LPIPSNet = Literal["vgg", "alex"]
 
 
 class LPIPSWeightsError(RuntimeError):
     """LPIPS weights missing or not matching the backbone; the message says how to fix it."""
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_state(path: Path) -> dict[str, Tensor]:
@@ -80,7 +73,7 @@ class LPIPSLoss(nn.Module):
         self.record: dict[str, Any] = {
             "net": net,
             "backbone_weights": str(path),
-            "backbone_sha256": _file_sha256(path),
+            "backbone_sha256": sha256_file(path),
             "heads": f"lpips {getattr(lpips, '__version__', '0.1')} v0.1 {net} linear heads",
             "heads_sha256": hashlib.sha256(
                 b"".join(heads[k].float().numpy().tobytes() for k in sorted(heads))

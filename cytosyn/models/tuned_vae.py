@@ -18,10 +18,11 @@ manifest then records the tuned weights' hash, and training, sampling and releas
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+from cytosyn.fileio import sha256_file
 
 DESCRIPTOR = "tuned_vae.json"
 REPORT = "reconstruction_report.json"
@@ -33,21 +34,13 @@ class TunedVAEError(RuntimeError):
     """A tuned-VAE folder that is incomplete, altered, or for another autoencoder."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def is_tuned_folder(path: str | Path | None) -> bool:
     return path is not None and (Path(path) / DESCRIPTOR).is_file()
 
 
 def write_sums(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMS)
-    lines = [f"{_sha256(p)}  {p.relative_to(folder).as_posix()}" for p in files]
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}" for p in files]
     (folder / SUMS).write_text("\n".join(lines) + "\n")
 
 
@@ -66,7 +59,9 @@ def verify_tuned_folder(folder: str | Path, base: str | None = None) -> dict[str
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != SUMS}
     problems = [f"{n} missing" for n in sorted(set(listed) - present)]
     problems += [f"{n} not listed" for n in sorted(present - set(listed))]
-    problems += [f"{n} changed" for n in sorted(set(listed) & present) if _sha256(folder / n) != listed[n]]
+    problems += [
+        f"{n} changed" for n in sorted(set(listed) & present) if sha256_file(folder / n) != listed[n]
+    ]
     if problems:
         raise TunedVAEError(
             f"tuned VAE {folder} does not match its {SUMS}: {', '.join(problems)}. "
