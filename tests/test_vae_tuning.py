@@ -81,6 +81,8 @@ def test_exact_resume_of_vae_discriminator_and_optimisers(crc_dataset, tmp_path)
             for name, value in s.items():
                 torch.testing.assert_close(value, b[opt]["state"][idx][name], rtol=0, atol=0)
     assert straight.descriptor["weights"] == resumed.descriptor["weights"]
+    logged = [json.loads(r) for r in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [0.0, 1.0, 2.0, 3.0]  # once each, across the resume
     # another setting in the same run folder is refused
     with pytest.raises(VAETuneError, match="other settings"):
         run_vae_tuning(tune_cfg(crc_dataset, tmp_path / "b", optim={"lr": 1e-4}, data={"heldout": None}))

@@ -426,8 +426,10 @@ def run_vae_tuning(cfg: TuneVAEConfig, force: bool = False) -> TuneResult:
                 f"{run_dir} holds a tuning run with other settings ({'; '.join(config_differences(old, settings))}); "
                 f"use another run_dir, or --force to start over"
             )
-    if force and ckpt_path.exists():
-        ckpt_path.unlink()
+    log_path = run_dir / "log.jsonl"
+    if force:
+        ckpt_path.unlink(missing_ok=True)
+        log_path.unlink(missing_ok=True)
     settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True))
     write_resolved_config(cfg, run_dir / "config.yaml")
 
@@ -456,10 +458,12 @@ def run_vae_tuning(cfg: TuneVAEConfig, force: bool = False) -> TuneResult:
         tuner.load_state_dict(state["tuner"])
         loader.load_state_dict(state["loader"], strict=True)
         log.info("resumed %s at step %d", ckpt_path, tuner.step)
+        if log_path.is_file():  # rows logged after the checkpoint are redone: drop them
+            rows = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] < tuner.step]
+            log_path.write_text("".join(r + "\n" for r in rows))
     elif heldout is not None:
         tuner.before = reconstruction_metrics(tuner.ae, heldout, device)
 
-    log_path = run_dir / "log.jsonl"
     with open(log_path, "a") as logf:
         stream = iter(loader)
         while tuner.step < cfg.max_steps:
