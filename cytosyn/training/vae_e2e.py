@@ -60,14 +60,16 @@ class E2EConfig(StrictModel):
 class E2EPart:
     """The SiT side of REPA-E stage 1: SiT, latent BatchNorm, frozen encoder, SiT optimiser and EMA."""
 
-    def __init__(self, cfg: E2EConfig, ae: nn.Module, device: torch.device, tune_cfg: Any):
+    def __init__(self, cfg: E2EConfig, ae: nn.Module, device: torch.device, tune_cfg: Any, ctx: Any = None):
         from cytosyn.diffusion import BatchNormLatentNorm, carry_latent_statistics
         from cytosyn.models import build_sit, load_sit_state_dict
         from cytosyn.models.encoders import load_encoder
         from cytosyn.models.sit import REPAE_BN_EPS
         from cytosyn.training.ema import EMA
+        from cytosyn.training.vae_dist import DistContext
 
         self.cfg, self.device, self.seed = cfg, device, tune_cfg.seed
+        self.ctx = ctx or DistContext()
         self.precision = tune_cfg.precision
         self._crop: int | None = tune_cfg.data.crop
         self.encoder = load_encoder(
@@ -126,12 +128,13 @@ class E2EPart:
 
         if self._draws is not None and self._draws[0] == step:
             return self._draws[1:]
-        gen = step_generator(self.seed, step, 2)
+        rank = self.ctx.rank
+        gen = step_generator(self.seed, step, 2, rank)
         b = z.shape[0]
         t = sample_time(b, self.cfg.time_sampling, generator=gen).to(self.device)
         noise = torch.randn(tuple(z.shape), generator=gen).to(self.device)
         drop = (torch.rand(b, generator=gen) < self.cfg.cond_dropout).to(self.device)
-        images = random_crop(batch["image"], self._crop, step_generator(self.seed, step, 1))
+        images = random_crop(batch["image"], self._crop, step_generator(self.seed, step, 1, rank))
         from cytosyn.models import align_tokens
 
         with torch.no_grad(), self.autocast():
@@ -184,6 +187,7 @@ class E2EPart:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         ok = clip_and_step(self.opt, self.sit.parameters(), loss, self.cfg.sit_grad_clip)
+        self.ctx.average_([self.norm.running_mean, self.norm.running_var])  # one estimate on every rank
         if ok:
             self.ema.update(self.net)
         self.phase = "idle"

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from cytosyn.config import StrictModel, config_differences, config_hash, config_to_dict, write_resolved_config
 from cytosyn.fileio import code_version
+from cytosyn.training.vae_dist import DistContext
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +158,9 @@ class TuneResult:
 # ---- pieces -----------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator keyed on (seed, step, stream): the same draws on a resumed run."""
-    digest = hashlib.sha256(f"cytosyn-vae-tune:{seed}:{step}:{stream}".encode()).digest()
+def step_generator(seed: int, step: int, stream: int = 0, rank: int = 0) -> torch.Generator:
+    """A CPU generator keyed on (seed, step, stream, rank): the same draws on a resumed run."""
+    digest = hashlib.sha256(f"cytosyn-vae-tune:{seed}:{step}:{stream}:{rank}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
@@ -274,12 +269,13 @@ def _resume_settings(cfg: TuneVAEConfig) -> dict[str, Any]:
 class _Tuner:
     """Everything a step touches; ``state_dict`` / ``load_state_dict`` cover all of it (exact resume)."""
 
-    def __init__(self, cfg: TuneVAEConfig, device: torch.device):
+    def __init__(self, cfg: TuneVAEConfig, device: torch.device, ctx: DistContext | None = None):
         from cytosyn.models.discriminator import PatchDiscriminator
         from cytosyn.models.vae import load_vae
         from cytosyn.training.vae_losses import TrainableAutoencoder, VAELossWeights
 
         self.cfg, self.device = cfg, device
+        self.ctx = ctx or DistContext()
         v = cfg.vae
         vae = load_vae(v.name, v.weights, random_init=v.random_init, seed=v.seed)
         self.ae = TrainableAutoencoder(vae).to(device)
@@ -300,7 +296,7 @@ class _Tuner:
         if cfg.mode == "e2e":
             from cytosyn.training.vae_e2e import E2EConfig, E2EPart
 
-            self.e2e = E2EPart(E2EConfig.model_validate(cfg.e2e), self.ae, device, cfg)
+            self.e2e = E2EPart(E2EConfig.model_validate(cfg.e2e), self.ae, device, cfg, self.ctx)
         self.step = 0
         self.skipped = 0
         self.skipped_in_a_row = 0
@@ -317,14 +313,15 @@ class _Tuner:
         from cytosyn.training.vae_losses import autoencoder_losses, discriminator_loss
 
         cfg = self.cfg
-        crop_gen = step_generator(cfg.seed, self.step, 1)
+        rank = self.ctx.rank
+        crop_gen = step_generator(cfg.seed, self.step, 1, rank)
         x = random_crop(images_to_model_range(batch["image"], self.device), cfg.data.crop, crop_gen)
         self.ae.check_images(x)
         eps = None
         if not self.ae.deterministic:
             f, c = self.ae.spec.downsample, self.ae.spec.latent_channels
             shape = (x.shape[0], c, x.shape[2] // f, x.shape[3] // f)
-            eps = torch.randn(shape, generator=step_generator(cfg.seed, self.step, 0)).to(self.device)
+            eps = torch.randn(shape, generator=step_generator(cfg.seed, self.step, 0, rank)).to(self.device)
         use_gan = self.step >= cfg.losses.gan_start and cfg.losses.gan > 0
         self.disc.requires_grad_(False)
         with self.autocast():
@@ -361,8 +358,11 @@ class _Tuner:
     def _clip_and_step(
         self, opt: torch.optim.Optimizer, params, loss: Tensor, clip: float | None = None
     ) -> bool:
-        """Clip and step unless the loss or the gradient norm is not finite (then skipped and counted)."""
+        """Average gradients over ranks, clip, and step unless the (rank-mean) loss or the gradient norm is
+        not finite (then skipped and counted: the same decision on every rank)."""
         params = [p for p in params if p.grad is not None]
+        self.ctx.average_grads(params)
+        loss = self.ctx.mean(loss.detach())
         clip = self.cfg.optim.grad_clip if clip is None else clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
         if not (math.isfinite(float(loss.detach())) and math.isfinite(float(norm))):
@@ -411,12 +411,18 @@ class _Tuner:
 
 
 def run_vae_tuning(cfg: TuneVAEConfig, force: bool = False) -> TuneResult:
-    """Tune (or resume tuning) the VAE of ``cfg`` and export it; see the module docstring."""
-    from cytosyn.data import LoaderConfig, build_loader
+    """Tune (or resume tuning) the VAE of ``cfg`` and export it; see the module docstring. Under torchrun
+    (``WORLD_SIZE`` > 1) every process trains on its share of the data with averaged gradients; rank 0
+    logs, checkpoints, measures the held-out report and exports."""
+    ctx = DistContext.from_env(cfg.device)
+    try:
+        return _run(cfg, force, ctx)
+    finally:
+        ctx.close()
 
+
+def _check_run_dir(cfg: TuneVAEConfig, force: bool, ctx: DistContext) -> None:
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
     settings_path = run_dir / "settings.json"
     settings = _resume_settings(cfg)
     if settings_path.is_file() and not force:
@@ -426,16 +432,27 @@ def run_vae_tuning(cfg: TuneVAEConfig, force: bool = False) -> TuneResult:
                 f"{run_dir} holds a tuning run with other settings ({'; '.join(config_differences(old, settings))}); "
                 f"use another run_dir, or --force to start over"
             )
-    log_path = run_dir / "log.jsonl"
-    if force:
-        ckpt_path.unlink(missing_ok=True)
-        log_path.unlink(missing_ok=True)
-    settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True))
-    write_resolved_config(cfg, run_dir / "config.yaml")
+    ctx.barrier()  # every rank has read the old settings before rank 0 replaces them
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if force:
+            (run_dir / "checkpoints" / "last.pt").unlink(missing_ok=True)
+            (run_dir / "log.jsonl").unlink(missing_ok=True)
+        settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True))
+        write_resolved_config(cfg, run_dir / "config.yaml")
+    ctx.barrier()
 
-    device = resolve_device(cfg.device)
-    tuner = _Tuner(cfg, device)
-    heldout = read_heldout(cfg)
+
+def _run(cfg: TuneVAEConfig, force: bool, ctx: DistContext) -> TuneResult:
+    from cytosyn.data import LoaderConfig, build_loader
+
+    run_dir = cfg.run_dir
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    log_path = run_dir / "log.jsonl"
+    _check_run_dir(cfg, force, ctx)
+    device = ctx.device(cfg.device)
+    tuner = _Tuner(cfg, device, ctx)
+    heldout = read_heldout(cfg) if ctx.is_main else None
     try:
         loader = build_loader(
             cfg.data.train,
@@ -448,6 +465,8 @@ def run_vae_tuning(cfg: TuneVAEConfig, force: bool = False) -> TuneResult:
                 members=["image", *(tuner.e2e.loader_members() if tuner.e2e else [])],
                 verify_hashes=cfg.data.verify_hashes,
             ),
+            rank=ctx.rank,
+            world_size=ctx.world_size,
         )
     except ValueError as err:
         raise VAETuneError(f"training split {cfg.data.train}: {err}") from None
@@ -455,16 +474,21 @@ def run_vae_tuning(cfg: TuneVAEConfig, force: bool = False) -> TuneResult:
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise VAETuneError(f"{ckpt_path}: not a cytosyn tune-vae checkpoint")
+        if len(state["loaders"]) != ctx.world_size:
+            raise VAETuneError(
+                f"{ckpt_path} was written by {len(state['loaders'])} processes; resume it on as many "
+                f"(exact resume needs the same world size), or start a new run_dir"
+            )
         tuner.load_state_dict(state["tuner"])
-        loader.load_state_dict(state["loader"], strict=True)
+        loader.load_state_dict(state["loaders"][ctx.rank], strict=True)
         log.info("resumed %s at step %d", ckpt_path, tuner.step)
-        if log_path.is_file():  # rows logged after the checkpoint are redone: drop them
+        if ctx.is_main and log_path.is_file():  # rows logged after the checkpoint are redone: drop them
             rows = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] < tuner.step]
             log_path.write_text("".join(r + "\n" for r in rows))
     elif heldout is not None:
         tuner.before = reconstruction_metrics(tuner.ae, heldout, device)
 
-    with open(log_path, "a") as logf:
+    with open(log_path, "a") if ctx.is_main else open(os.devnull, "w") as logf:
         stream = iter(loader)
         while tuner.step < cfg.max_steps:
             try:
@@ -478,15 +502,30 @@ def run_vae_tuning(cfg: TuneVAEConfig, force: bool = False) -> TuneResult:
                 logf.flush()
                 log.info("step %d: %s", tuner.step, {k: round(v, 5) for k, v in row.items()})
             if tuner.step % cfg.checkpoint_every == 0 or tuner.step == cfg.max_steps:
-                _atomic_save(
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "tuner": tuner.state_dict(),
-                        "loader": loader.state_dict(),
-                        "code_version": code_version(),
-                    },
-                    ckpt_path,
-                )
+                loaders = ctx.gather(loader.state_dict())
+                if ctx.is_main:
+                    _atomic_save(
+                        {
+                            "format": CHECKPOINT_FORMAT,
+                            "tuner": tuner.state_dict(),
+                            "loaders": loaders,
+                            "world_size": ctx.world_size,
+                            "code_version": code_version(),
+                        },
+                        ckpt_path,
+                    )
+                ctx.barrier()
+    if not ctx.is_main:
+        desc = ctx.broadcast(None)
+        return TuneResult(tuner.step, tuner.skipped, cfg.export_dir, desc, {}, tuner.history)
+    desc, report = _export(cfg, tuner, heldout, device, run_dir)
+    ctx.broadcast(desc)
+    return TuneResult(tuner.step, tuner.skipped, cfg.export_dir, desc, report, tuner.history)
+
+
+def _export(
+    cfg: TuneVAEConfig, tuner: _Tuner, heldout: Tensor | None, device: torch.device, run_dir: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
     after = reconstruction_metrics(tuner.ae, heldout, device) if heldout is not None else None
     report = {
         "heldout_split": str(cfg.data.heldout) if cfg.data.heldout else None,
@@ -520,4 +559,4 @@ def run_vae_tuning(cfg: TuneVAEConfig, force: bool = False) -> TuneResult:
         tuner.e2e.export_sit(run_dir / "stage1_sit.pt")
     tuner.ae.eval()
     desc = export_tuned_vae(tuner.ae.wrapper, cfg.export_dir, descriptor, report)
-    return TuneResult(tuner.step, tuner.skipped, cfg.export_dir, desc, report, tuner.history)
+    return desc, report
