@@ -12,7 +12,7 @@ import torch
 from vae_helpers import packed_crc_tiles
 
 from cytosyn.config import build_config
-from cytosyn.training.vae_tuning import TuneVAEConfig, _Tuner, run_vae_tuning
+from cytosyn.training.vae_tuning import TuneVAEConfig, VAETuneError, _Tuner, run_vae_tuning
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +138,13 @@ def test_e2e_refuses_a_sit_checkpoint_of_another_latent_space(crc_dataset, tmp_p
     other = build_sit("SiT-T/2", input_size=8, in_channels=16, cond_dim=192, repa_dim=192)
     torch.save({"ema": other.state_dict()}, tmp_path / "sit16.pt")
     cfg = e2e_cfg(crc_dataset, tmp_path / "run", sit_init_from=str(tmp_path / "sit16.pt"))
-    with pytest.raises(ValueError, match="latent channels"):
+    with pytest.raises(VAETuneError, match="latent channels"):
         _Tuner(cfg, torch.device("cpu"))
+    odd = e2e_cfg(crc_dataset, tmp_path / "odd").model_copy(
+        update={"data": e2e_cfg(crc_dataset, tmp_path).data.model_copy(update={"crop": 60})}
+    )
+    with pytest.raises(VAETuneError, match="not divisible"):
+        _Tuner(odd, torch.device("cpu"))
 
 
 def test_bf16_e2e_step_keeps_losses_and_weights_in_fp32(crc_dataset, tmp_path):

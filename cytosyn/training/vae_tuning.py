@@ -296,7 +296,10 @@ class _Tuner:
         if cfg.mode == "e2e":
             from cytosyn.training.vae_e2e import E2EConfig, E2EPart
 
-            self.e2e = E2EPart(E2EConfig.model_validate(cfg.e2e), self.ae, device, cfg, self.ctx)
+            try:
+                self.e2e = E2EPart(E2EConfig.model_validate(cfg.e2e), self.ae, device, cfg, self.ctx)
+            except ValueError as err:  # the SiT / checkpoint / tile size does not fit this VAE
+                raise VAETuneError(str(err)) from None
         self.step = 0
         self.skipped = 0
         self.skipped_in_a_row = 0
