@@ -9,7 +9,8 @@ Same batch of real H&E tiles (the CRC tiles shipped in cytosyn/assets), same mod
 - ``e2e``: ``tune-vae`` mode e2e — the above plus the frozen encoder on the images (condition + REPA
   targets), the VAE's REPA pass through the frozen SiT, and the SiT update on detached latents.
 
-Each figure is the median wall time of ``--steps`` steps after one warm-up step. CPU defaults are small
+Each figure is the median wall time of ``--steps`` steps after one warm-up step, the three kinds timed
+round-robin (one step of each per round) so that changes of machine load weigh on all of them alike. CPU defaults are small
 (TAEF2 — the real pretrained weights — a random ViT-Tiny encoder and SiT-S/2 at 224 px, batch 4); on a GPU
 pass e.g. ``--device cuda --vae sd-vae-ft-ema --vae-weights DIR --encoder h0-mini --encoder-weights F
 --sit SiT-XL/2 --batch 32``.
@@ -44,18 +45,21 @@ def real_tiles(n: int, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def timed(fn, steps: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def timed_interleaved(fns, steps: int, device: torch.device) -> list[float]:
+    """Median seconds per call of each function, timed round-robin (one call of each per round) after one
+    warm-up round, so a change of machine load during the run weighs on every figure alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for round_ in range(steps + 1):
+        for i, fn in enumerate(fns):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ > 0:
+                times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -123,9 +127,9 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(sit.parameters(), 1.0)
         opt.step()
 
-    sit_s = timed(sit_only, args.steps, device)
-    ft_s = timed(lambda: finetune.train_step(batch), args.steps, device)
-    e2e_s = timed(lambda: joint.train_step(batch), args.steps, device)
+    sit_s, ft_s, e2e_s = timed_interleaved(
+        [sit_only, lambda: finetune.train_step(batch), lambda: joint.train_step(batch)], args.steps, device
+    )
     threads = torch.get_num_threads()
     print(
         f"device {device} ({threads} threads), {args.precision}, batch {args.batch} × {args.size} px real CRC tiles; "
