@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "cytosyn-vae-tune/1"
 # Settings that may change between an interrupted run and its resume (they do not change a step).
+HISTORY_LIMIT = 10_000  # per-step loss rows kept in memory and in the checkpoint
 RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every", "export", "data.num_workers")
 
 
@@ -500,6 +501,7 @@ def _run(cfg: TuneVAEConfig, force: bool, ctx: DistContext) -> TuneResult:
                 raise VAETuneError(f"training split {cfg.data.train}: {err}") from None
             row = tuner.train_step(batch)
             tuner.history.append(row)
+            del tuner.history[:-HISTORY_LIMIT]  # log.jsonl has the whole run; the checkpoint stays small
             if tuner.step % cfg.log_every == 0 or tuner.step == cfg.max_steps:
                 logf.write(json.dumps(row) + "\n")
                 logf.flush()
