@@ -401,8 +401,10 @@ def load_vae(
     if random_init and weights is not None:
         raise VAEError(f"VAE {name!r}: random_init and weights are exclusive")
     tuned = _tuned_descriptor(weights, name)
-    vae = _load_tiny(spec, weights, random_init, seed) if spec.kind == "taesd" else None
-    vae = vae or _load_diffusers(spec, weights, random_init, seed)
+    if spec.kind == "taesd":
+        vae: LatentVAE = _load_tiny(spec, weights, random_init, seed)
+    else:
+        vae = _load_diffusers(spec, weights, random_init, seed)
     if tuned is not None and tuned["weights"] != vae.weights_id:
         raise VAEError(
             f"tuned VAE {weights}: its weights hash to {vae.weights_id}, its descriptor says {tuned['weights']}"
