@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "cytosyn-vae-tune/1"
 # Settings that may change between an interrupted run and its resume (they do not change a step).
 HISTORY_LIMIT = 10_000  # per-step loss rows kept in memory and in the checkpoint
-RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every", "export", "data.num_workers")
+RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every", "export")
 
 
 class VAETuneError(RuntimeError):
