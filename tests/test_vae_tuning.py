@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from vae_helpers import packed_crc_tiles
+from vae_helpers import packed_crc_tiles, tune_config
 
 from cytosyn.config import ConfigError, build_config
 from cytosyn.training.vae_tuning import TuneVAEConfig, VAETuneError, run_vae_tuning
@@ -22,27 +22,7 @@ def crc_dataset(tmp_path_factory) -> Path:
 
 
 def tune_cfg(dataset: Path, run_dir: Path, **sections) -> TuneVAEConfig:
-    base = {
-        "run_dir": str(run_dir),
-        "max_steps": 4,
-        "checkpoint_every": 2,
-        "log_every": 1,
-        "vae": {"name": "tiny-f8", "random_init": True},
-        "data": {
-            "train": str(dataset / "train"),
-            "heldout": str(dataset / "val"),
-            "heldout_tiles": 2,
-            "batch_size": 4,
-            "crop": 32,
-            "num_workers": 0,
-            "shuffle_buffer": 16,
-        },
-        "losses": {"lpips_weights": "off", "gan_start": 1, "disc_width": 8, "disc_layers": 2},
-        "optim": {"lr": 2e-3, "disc_lr": 1e-3},
-    }
-    for key, value in sections.items():
-        base[key] = base[key] | value if isinstance(value, dict) and key in base else value
-    return build_config(TuneVAEConfig, base)
+    return build_config(TuneVAEConfig, tune_config(dataset, run_dir, **sections))
 
 
 def test_finetune_improves_heldout_psnr_on_real_tiles(crc_dataset, tmp_path):

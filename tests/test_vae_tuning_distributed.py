@@ -85,30 +85,22 @@ def _run(config: dict, out_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_process_e2e_same_weights_and_exact_resume(tmp_path):
-    from vae_helpers import packed_crc_tiles
+    from vae_helpers import packed_crc_tiles, tune_config
 
     dataset = packed_crc_tiles(tmp_path / "crc")
 
     def config(run: str, steps: int) -> dict:
-        return {
-            "run_dir": str(tmp_path / run),
-            "mode": "e2e",
-            "max_steps": steps,
-            "checkpoint_every": 1,
-            "device": "cpu",
-            "vae": {"name": "tiny-f8", "random_init": True},
-            "data": {
-                "train": str(dataset / "train"),
-                "heldout": str(dataset / "val"),
-                "heldout_tiles": 1,
-                "batch_size": 2,
-                "crop": 64,
-                "num_workers": 0,
-                "shuffle_buffer": 8,
-            },
-            "losses": {"lpips_weights": "off", "gan_start": 1, "disc_width": 8, "disc_layers": 2},
-            "e2e": {"sit_preset": "SiT-T/2", "encoder": "vit-tiny16", "encoder_random_init": True},
-        }
+        return tune_config(
+            dataset,
+            tmp_path / run,
+            mode="e2e",
+            max_steps=steps,
+            checkpoint_every=1,
+            device="cpu",
+            data={"heldout_tiles": 1, "batch_size": 2, "crop": 64, "shuffle_buffer": 8},
+            optim={},
+            e2e={"sit_preset": "SiT-T/2", "encoder": "vit-tiny16", "encoder_random_init": True},
+        )
 
     (tmp_path / "a_out").mkdir()
     (tmp_path / "b_out").mkdir()

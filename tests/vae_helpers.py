@@ -34,3 +34,29 @@ def packed_crc_tiles(root: Path) -> Path:
     }
     run_pack(build_config(PackConfig, pack))
     return root / "dataset"
+
+
+def tune_config(dataset: Path, run_dir: Path, **sections) -> dict:
+    """A small ``tune-vae`` config (plain data) on :func:`packed_crc_tiles`: random tiny-f8, 32-px crops,
+    no LPIPS, GAN from step 1, a tiny discriminator; ``sections`` update it (dicts are merged one level)."""
+    base = {
+        "run_dir": str(run_dir),
+        "max_steps": 4,
+        "checkpoint_every": 2,
+        "log_every": 1,
+        "vae": {"name": "tiny-f8", "random_init": True},
+        "data": {
+            "train": str(dataset / "train"),
+            "heldout": str(dataset / "val"),
+            "heldout_tiles": 2,
+            "batch_size": 4,
+            "crop": 32,
+            "num_workers": 0,
+            "shuffle_buffer": 16,
+        },
+        "losses": {"lpips_weights": "off", "gan_start": 1, "disc_width": 8, "disc_layers": 2},
+        "optim": {"lr": 2e-3, "disc_lr": 1e-3},
+    }
+    for key, value in sections.items():
+        base[key] = base[key] | value if isinstance(value, dict) and key in base else value
+    return base
