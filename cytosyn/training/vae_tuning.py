@@ -16,7 +16,7 @@ tiles, before vs after. Featurize then takes ``vae.name: <base entry>``, ``vae.w
 
 Written as a plain PyTorch loop, not a LightningModule: REPA-E needs three optimisers stepped in a fixed
 order with the SiT frozen in between, which Lightning's DeepSpeed strategy (one engine) cannot hold; this
-stage runs on one process (a single GPU tunes a VAE in hours). Exact resume: the checkpoint holds every
+stage is data-parallel over torchrun's processes by itself (:mod:`cytosyn.training.vae_dist`). Exact resume: the checkpoint holds every
 module, every optimiser, the loader position and the step; all randomness is keyed on (seed, step), so
 an interrupted run resumed reproduces the uninterrupted run's losses and weights bit for bit.
 """
