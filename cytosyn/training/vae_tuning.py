@@ -15,10 +15,11 @@ format + ``tuned_vae.json`` + ``SHA256SUMS``) with a reconstruction report (PSNR
 tiles, before vs after. Featurize then takes ``vae.name: <base entry>``, ``vae.weights: <folder>``.
 
 Written as a plain PyTorch loop, not a LightningModule: REPA-E needs three optimisers stepped in a fixed
-order with the SiT frozen in between, which Lightning's DeepSpeed strategy (one engine) cannot hold; this
-stage is data-parallel over torchrun's processes by itself (:mod:`cytosyn.training.vae_dist`). Exact resume: the checkpoint holds every
-module, every optimiser, the loader position and the step; all randomness is keyed on (seed, step), so
-an interrupted run resumed reproduces the uninterrupted run's losses and weights bit for bit.
+order with the SiT frozen in between, which Lightning's DeepSpeed strategy (one engine) cannot hold; the
+stage is data-parallel over torchrun's processes by itself (:mod:`cytosyn.training.vae_dist`). Exact
+resume: the checkpoint holds every module, every optimiser, every rank's loader position and the step; all
+randomness is keyed on (seed, step, rank), so an interrupted run resumed on the same number of processes
+reproduces the uninterrupted run's losses and weights bit for bit.
 """
 
 from __future__ import annotations
