@@ -151,6 +151,28 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return EXIT_REQUEUE if t.status == "preempted" else EXIT_OK
 
 
+def _cmd_tune_vae(args: argparse.Namespace) -> int:
+    from cytosyn.models.lpips import LPIPSWeightsError
+    from cytosyn.models.vae import VAEError
+    from cytosyn.training.vae_tuning import TuneVAEConfig, VAETuneError, run_vae_tuning
+
+    overrides = _overrides(args, {"mode": "mode", "data": "data.train", "run_dir": "run_dir"})
+    cfg = load_config(TuneVAEConfig, args.config, overrides)
+    try:
+        result = run_vae_tuning(cfg, force=args.force)
+    except (VAETuneError, VAEError, LPIPSWeightsError) as err:
+        print(f"cytosyn tune-vae: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    r = result.report
+    gain = (
+        f"held-out PSNR {r['before']['psnr_db']:.2f} → {r['after']['psnr_db']:.2f} dB" if r["after"] else ""
+    )
+    print(f"tune-vae ({cfg.mode}): {result.steps} steps ({result.skipped} skipped); {gain}")
+    print(f"tuned VAE → {result.export} ({result.descriptor['weights']})")
+    print(f"featurize with: vae.name={result.descriptor['base']} vae.weights={result.export}")
+    return EXIT_OK
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from cytosyn.pipeline import PipelineError
     from cytosyn.sample import SampleConfig, SampleError, run_sample
@@ -311,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.set_defaults(func=_cmd_finetune)
 
+    tune_vae = verbs.add_parser(
+        "tune-vae", help="fine-tune an autoencoder on tiles (or REPA-E end to end) → tuned VAE folder"
+    )
+    _add_config_args(tune_vae)
+    tune_vae.add_argument("--mode", choices=["finetune", "e2e"], help="mode=...")
+    tune_vae.add_argument("--data", type=Path, help="packed split with images (data.train=...)")
+    tune_vae.add_argument("--run-dir", dest="run_dir", type=Path, help="run folder (run_dir=...)")
+    tune_vae.add_argument(
+        "--force", action="store_true", help="start over in a run folder with other settings"
+    )
+    tune_vae.set_defaults(func=_cmd_tune_vae)
+
     sample = verbs.add_parser("sample", help="generate a synthetic tile dataset from a checkpoint or release")
     _add_config_args(sample)
     sample.add_argument(
@@ -358,7 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--output", type=Path, help="output folder (output=...)")
     score.add_argument("--part", help="i/N: score input shards i, i+N, ... (one process per GPU)")
     score.set_defaults(func=_cmd_score)
-
 
     launch = verbs.add_parser(
         "launch",

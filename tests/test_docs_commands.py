@@ -53,6 +53,7 @@ RUNNERS = {
     "release": ("cytosyn.release", "run_release_config"),
     "eval": ("cytosyn.eval.run", "run_eval"),
     "score": ("cytosyn.scoring.run", "run_score"),
+    "tune-vae": ("cytosyn.training.vae_tuning", "run_vae_tuning"),
 }
 
 

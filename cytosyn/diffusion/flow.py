@@ -241,6 +241,51 @@ class BatchNormLatentNorm(LatentNorm):
         return f"channels={self.channels}, eps={self.bn.eps}, momentum={self.bn.momentum}"
 
 
+def carry_latent_statistics(
+    norm: LatentNorm, stats: dict[str, Tensor], eps: float = 1e-4, where: str = "checkpoint"
+) -> str:
+    """Put a REPA-E checkpoint's latent BatchNorm statistics (``running_mean``, ``running_var``, optionally
+    ``num_batches_tracked``) into ``norm``, so a fine-tune starts with the latent scaling its weights were
+    trained with. Returns a one-line description of what was done (for the log and the run's record).
+
+    - :class:`BatchNormLatentNorm`: the running statistics are copied (training then updates them with
+      the usual momentum); ``eps`` must equal the norm's own (else eval-mode scales would differ).
+    - :class:`FixedLatentNorm`: ``mean = running_mean``, ``std = sqrt(running_var + eps)`` — exactly the
+      shift and scale REPA-E's eval-mode BatchNorm applies (``eps`` = REPA-E's 1e-4).
+    """
+    if "running_mean" not in stats or "running_var" not in stats:
+        raise ValueError(f"{where}: latent statistics need running_mean and running_var, got {sorted(stats)}")
+    mean = stats["running_mean"].detach().float().reshape(-1)
+    var = stats["running_var"].detach().float().reshape(-1)
+    if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all()) and bool((var >= 0).all())):
+        raise ValueError(f"{where}: latent statistics are not finite (or a variance is negative)")
+    if isinstance(norm, BatchNormLatentNorm):
+        if mean.numel() != norm.channels:
+            raise ValueError(
+                f"{where}: latent statistics for {mean.numel()} channels, the latent norm has {norm.channels}"
+            )
+        if abs(norm.bn.eps - eps) > 1e-12:
+            raise ValueError(
+                f"{where}: statistics made with BatchNorm eps {eps}, the latent norm uses {norm.bn.eps}"
+            )
+        with torch.no_grad():
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+            if "num_batches_tracked" in stats and norm.bn.num_batches_tracked is not None:
+                norm.bn.num_batches_tracked.copy_(stats["num_batches_tracked"].reshape(()))
+        return f"batchnorm running statistics of {mean.numel()} channels carried from {where}"
+    if isinstance(norm, FixedLatentNorm):
+        if mean.numel() != norm.mean.numel():
+            raise ValueError(
+                f"{where}: latent statistics for {mean.numel()} channels, the latent norm has {norm.mean.numel()}"
+            )
+        with torch.no_grad():
+            norm.mean.copy_(mean)
+            norm.std.copy_(torch.sqrt(var + eps))
+        return f"fixed latent statistics (mean, sqrt(var + {eps})) of {mean.numel()} channels carried from {where}"
+    raise TypeError(f"cannot carry latent statistics into {type(norm).__name__}")
+
+
 def logit_normal_cdf(t: Tensor | float, mean: float = 0.0, std: float = 1.0) -> Tensor:
     """CDF of the logit-normal distribution of :func:`sample_time` (used by tests and diagnostics)."""
     t = torch.as_tensor(t, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)

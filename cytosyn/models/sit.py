@@ -645,6 +645,10 @@ def build_sit(preset_or_cfg: str | SiTConfig | Mapping[str, Any] = "SiT-XL/2", *
 
 _LABEL_PREFIX = "y_embedder."
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# REPA-E keeps its latent normalisation inside the SiT: an affine-free ``BatchNorm2d`` named ``bn``.
+_LATENT_STATS_PREFIX = "bn."
+_LATENT_STATS_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+REPAE_BN_EPS = 1e-4  # REPA-E's BatchNorm eps: its eval-mode scale is sqrt(running_var + 1e-4)
 
 
 @dataclass
@@ -657,6 +661,10 @@ class LoadReport:
     unused: list[str] = field(default_factory=list)  # in the checkpoint, not in the model (y_embedder.*)
     new: list[str] = field(default_factory=list)  # in the model, not in the checkpoint (cond_embedder.*)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    # REPA-E's latent statistics (``bn.running_mean`` / ``running_var`` / ``num_batches_tracked``, keys
+    # without the ``bn.`` prefix): not SiT weights, but the latent normalisation the weights were trained
+    # with; :func:`cytosyn.diffusion.carry_latent_statistics` puts them into a latent norm.
+    latent_stats: dict[str, Tensor] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [
@@ -664,6 +672,11 @@ class LoadReport:
             f"unused (checkpoint only): {', '.join(self.unused) or '-'}",
             f"new (kept at init): {', '.join(self.new) or '-'}",
         ]
+        if self.latent_stats:
+            lines.append(
+                "latent statistics (REPA-E bn.*): "
+                + ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(self.latent_stats.items()))
+            )
         if self.mismatched:
             lines.append(
                 "shape mismatch (kept at init): "
@@ -724,8 +737,15 @@ def load_sit_state_dict(
     - Any other shape difference (another width, patch size, REPA encoder width) is left at init and
       reported in ``mismatched``.
 
+    - REPA-E's latent BatchNorm (``bn.running_mean``, ``bn.running_var``, ``bn.num_batches_tracked``) is
+      not part of our SiT (cytosyn keeps the latent normalisation beside it): the tensors are returned in
+      ``report.latent_stats`` for :func:`cytosyn.diffusion.carry_latent_statistics`, never dropped — the
+      weights were trained on latents normalised by exactly these statistics. A ``bn.*`` key other than
+      those three, or with a shape other than ``(C,)`` for the model's ``C`` latent channels, is an error
+      (in strict mode) or ``unused``.
+
     ``strict=True`` raises ``ValueError`` unless the only differences are the expected ones (label embedder
-    unused, condition embedder new, pos_embed recomputed, σ adapted).
+    unused, condition embedder new, pos_embed recomputed, σ adapted, latent statistics carried).
 
     Time convention: REPA and REPA-E use ours (t = 1 is noise, target ``ε − x``, t unscaled: keep
     ``time_scale=1``). Checkpoints of the original SiT code run time the other way (t = 1 is data) and
@@ -742,6 +762,14 @@ def load_sit_state_dict(
         key = _strip_wrappers(raw_key)
         if not isinstance(value, Tensor):
             report.unused.append(key)
+            continue
+        if key.startswith(_LATENT_STATS_PREFIX) and key not in own:
+            name = key[len(_LATENT_STATS_PREFIX) :]
+            per_channel = value.ndim == 1 and value.shape[0] == model.cfg.in_channels
+            if name in _LATENT_STATS_KEYS and (per_channel or name == "num_batches_tracked"):
+                report.latent_stats[name] = value.detach().clone()
+            else:
+                report.unused.append(key)
             continue
         if key not in own:
             report.unused.append(key)
@@ -765,7 +793,10 @@ def load_sit_state_dict(
     if strict:
         bad_unused = [k for k in report.unused if not k.startswith(_LABEL_PREFIX)]
         bad_new = [k for k in report.new if not k.startswith("cond_embedder.")]
-        if report.mismatched or bad_unused or bad_new:
+        partial_stats = bool(report.latent_stats) and not {"running_mean", "running_var"} <= set(
+            report.latent_stats
+        )
+        if report.mismatched or bad_unused or bad_new or partial_stats:
             raise ValueError("state dict does not match this SiT:\n" + report.summary())
     model.load_state_dict(to_load, strict=False)
     return report

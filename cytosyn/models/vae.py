@@ -26,6 +26,7 @@ shift are recorded for reference (and for PixCell-style models that use them), n
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -354,14 +355,18 @@ def _load_diffusers(spec: VAESpec, weights: str | Path | None, random_init: bool
             raise VAEError(
                 f"VAE weights path {path} does not exist (expected a diffusers folder with config.json)"
             )
+        from cytosyn.models.vae_checkpoints import SINGLE_FILE_SUFFIXES, autoencoder_from_single_file
+
         try:
+            if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:  # e.g. REPA-E's E2E-VAE .pt
+                return _wrap_single_file(spec, autoencoder_from_single_file(spec.config, path))
             vae = AutoencoderKL.from_pretrained(
                 str(path),
                 subfolder=spec.subfolder
                 if (path / (spec.subfolder or "")).is_dir() and spec.subfolder
                 else None,
             )
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
             raise VAEError(
                 f"VAE {name!r}: cannot load a diffusers AutoencoderKL from {path}: {err}"
             ) from None
@@ -383,6 +388,10 @@ def _load_diffusers(spec: VAESpec, weights: str | Path | None, random_init: bool
     return DiffusersVAE(spec, vae, f"sha256:{sha256_state_dict(vae.state_dict())}")
 
 
+def _wrap_single_file(spec: VAESpec, vae: nn.Module) -> DiffusersVAE:
+    return DiffusersVAE(spec, vae, f"sha256:{sha256_state_dict(vae.state_dict())}")
+
+
 def load_vae(
     name: str, weights: str | Path | None = None, *, random_init: bool = False, seed: int = 0
 ) -> LatentVAE:
@@ -391,9 +400,29 @@ def load_vae(
     spec = get_vae_spec(name)
     if random_init and weights is not None:
         raise VAEError(f"VAE {name!r}: random_init and weights are exclusive")
+    tuned = _tuned_descriptor(weights, name)
     if spec.kind == "taesd":
-        return _load_tiny(spec, weights, random_init, seed)
-    return _load_diffusers(spec, weights, random_init, seed)
+        vae: LatentVAE = _load_tiny(spec, weights, random_init, seed)
+    else:
+        vae = _load_diffusers(spec, weights, random_init, seed)
+    if tuned is not None and tuned["weights"] != vae.weights_id:
+        raise VAEError(
+            f"tuned VAE {weights}: its weights hash to {vae.weights_id}, its descriptor says {tuned['weights']}"
+        )
+    return vae
+
+
+def _tuned_descriptor(weights: str | Path | None, name: str) -> dict[str, Any] | None:
+    """A VAE tuned by cytosyn (a folder with ``tuned_vae.json``): verified against its SHA256SUMS and its
+    base entry before anything is loaded (see :mod:`cytosyn.models.tuned_vae`)."""
+    from cytosyn.models.tuned_vae import TunedVAEError, is_tuned_folder, verify_tuned_folder
+
+    if not is_tuned_folder(weights):
+        return None
+    try:
+        return verify_tuned_folder(weights, base=name)  # type: ignore[arg-type]
+    except TunedVAEError as err:
+        raise VAEError(str(err)) from None
 
 
 def load_vae_as_recorded(name: str, recorded: str | None, weights: str | Path | None = None) -> LatentVAE:

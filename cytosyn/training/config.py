@@ -29,6 +29,11 @@ class ModelConfig(StrictModel):
     overrides: dict[str, Any] = Field(default_factory=dict)  # any SiTConfig key (depth, repa_depth, ...)
     cond_dropout: float = 0.1  # probability of the null condition per sample (classifier-free guidance)
     init_from: Path | None = None  # a SiT/REPA(-E) checkpoint to fine-tune from (see load_sit_state_dict)
+    # Refuse an init_from checkpoint that differs from the model in more than the expected keys.
+    init_strict: bool = True
+    # checkpoint: a REPA-E checkpoint's latent BatchNorm statistics become the latent normalisation
+    # (the weights were trained with them); split: keep the featurized split's statistics.
+    init_latent_stats: Literal["checkpoint", "split"] = "checkpoint"
 
 
 class DiffusionConfig(StrictModel):

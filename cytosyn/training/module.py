@@ -45,10 +45,11 @@ from torch import Tensor, nn
 
 from cytosyn.config import config_hash
 from cytosyn.data import LoaderConfig, build_loader
-from cytosyn.diffusion import BatchNormLatentNorm, FixedLatentNorm
+from cytosyn.diffusion import BatchNormLatentNorm, FixedLatentNorm, carry_latent_statistics
 from cytosyn.fileio import code_version
 from cytosyn.manifest import FeatureEntry, SplitManifest
 from cytosyn.models import align_tokens, build_sit, load_sit_state_dict, repa_loss
+from cytosyn.models.sit import REPAE_BN_EPS
 from cytosyn.models.vae import latents_from_moments
 from cytosyn.training.config import TrainConfig
 from cytosyn.training.ema import EMA
@@ -146,15 +147,23 @@ class LatentDiffusionModule(L.LightningModule):
             "grad_checkpointing": cfg.trainer.grad_checkpointing,
         } | cfg.model.overrides
         model = build_sit(cfg.model.preset, **sit_args)
+        report = None
         if cfg.model.init_from is not None:
             state = torch.load(cfg.model.init_from, map_location="cpu", weights_only=False)
-            log.info("init from %s: %s", cfg.model.init_from, load_sit_state_dict(model, state).summary())
+            report = load_sit_state_dict(model, state, strict=cfg.model.init_strict)
+            log.info("init from %s: %s", cfg.model.init_from, report.summary())
         if cfg.diffusion.latent_norm == "fixed":
             norm: nn.Module = FixedLatentNorm(
                 torch.tensor(features["latent_mean"]), torch.tensor(features["latent_std"])
             )
         else:
             norm = BatchNormLatentNorm(features["latent_channels"])
+        self.latent_stats_origin = "split" if cfg.diffusion.latent_norm == "fixed" else "batchnorm"
+        if report is not None and report.latent_stats and cfg.model.init_latent_stats == "checkpoint":
+            self.latent_stats_origin = carry_latent_statistics(
+                norm, report.latent_stats, REPAE_BN_EPS, where=str(cfg.model.init_from)
+            )
+            log.info("%s", self.latent_stats_origin)
         self.net = nn.ModuleDict({"model": model, "latent_norm": norm})
         # Not a submodule (see the module docstring): set around nn.Module's registration.
         object.__setattr__(self, "ema", EMA(self.net, decay=cfg.ema.decay, buffers=cfg.ema.buffers))
