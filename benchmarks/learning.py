@@ -12,7 +12,7 @@ Inception) against the held-out tiles. Measured in the same run, with the same h
 FID should fall from the untrained value toward the references as training proceeds. Prints the curve,
 saves ``learning.json``, ``learning.png`` (matplotlib) and a sample grid per point.
 
-    python benchmarks/learning.py --output bench_learning --points 0 50 150 400
+    python benchmarks/learning.py --output bench_learning --points 0 100 200 400 800
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _pipeline_at(run_dir: Path, untrained: bool) -> CytoSynPipeline:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("bench_learning"))
-    parser.add_argument("--points", type=int, nargs="+", default=[0, 50, 150, 400])
+    parser.add_argument("--points", type=int, nargs="+", default=[0, 100, 200, 400, 800])
     parser.add_argument("--n", type=int, default=16, help="generated tiles per point and mode")
     args = parser.parse_args()
     out: Path = args.output
@@ -108,11 +108,11 @@ def main() -> None:
     result = {"references": refs, "curve": rows, "n_heldout": len(heldout), "n_generated": args.n,
               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     (out / "learning.json").write_text(json.dumps(result, indent=2) + "\n")
-    _plot(out / "learning.png", rows, refs)
+    _plot(out / "learning.png", rows, refs, cfg.data.batch_size)
     print(f"wrote {out / 'learning.json'}, {out / 'learning.png'} and samples_step*.png")
 
 
-def _plot(path: Path, rows: list[dict], refs: dict[str, float]) -> None:
+def _plot(path: Path, rows: list[dict], refs: dict[str, float], batch: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +124,7 @@ def _plot(path: Path, rows: list[dict], refs: dict[str, float]) -> None:
     ax.plot(steps, [r["fid_unconditional"] for r in rows], "s-", label="generated, unconditional")
     ax.axhline(refs["copy"], color="green", ls="--", label="copy: training tiles")
     ax.axhline(refs["autoencoder_floor"], color="grey", ls=":", label="TAEF2 reconstructions (floor)")
-    ax.set_xlabel("training step (batch 16)")
+    ax.set_xlabel(f"training step (batch {batch})")
     ax.set_ylabel("FID vs held-out tiles (real Inception)")
     ax.set_title("cytosyn demo model: does training learn?")
     ax.legend(fontsize=8)

@@ -39,7 +39,7 @@ TILE_PX, TILE_MPP = 112, 1.0  # the demo's grid (see the module docstring)
 STATEMENT = (
     "REAL: tissue (CMU-1 skin slide crop; CRC-VAL-HE-7K / NCT-CRC-HE-100K colorectal tiles, CC BY 4.0), "
     "the TAEF2 autoencoder (pretrained, shipped) and the FID Inception (pretrained; conditions the model as a "
-    "demo choice, and measures FID). TOY: the diffusion model — a small SiT trained for minutes on ~80 tiles "
+    "demo choice, and measures FID). TOY: the diffusion model — a small SiT trained for minutes on ~70 tiles "
     "on a CPU; it memorises, and its numbers are a plumbing-and-learning check, not a result."
 )
 
