@@ -37,7 +37,7 @@ from cytosyn.demo import bundled_slide
 from cytosyn.formats import iter_slide_states
 
 
-def _tiler_config(inputs: list[Path], output: Path, workers: int) -> TileConfig:
+def _tiler_config(inputs: list[Path], output: Path, workers: int, overview: bool = True) -> TileConfig:
     return build_config(
         TileConfig,
         {
@@ -45,7 +45,7 @@ def _tiler_config(inputs: list[Path], output: Path, workers: int) -> TileConfig:
             "slides": {"input": [str(p) for p in inputs]},
             "codec": {"format": "jpeg", "quality": 95, "subsampling": "4:4:4"},
             "shards": {"tiles_per_task": 128, "max_samples": 128},
-            "run": {"workers": workers, "progress": False},
+            "run": {"workers": workers, "progress": False, "overview": overview},
         },
     )
 
@@ -89,11 +89,13 @@ def _bare(regions, tile_px: int = 224) -> tuple[float, float]:
     return seconds, cpu
 
 
-def _timed_tiling(inputs: list[Path], output: Path, workers: int) -> tuple[float, float, int]:
+def _timed_tiling(
+    inputs: list[Path], output: Path, workers: int, overview: bool = True
+) -> tuple[float, float, int]:
     """(wall seconds, CPU seconds of this process — the whole run when workers=1, tiles)."""
     shutil.rmtree(output, ignore_errors=True)
     t0, c0 = time.perf_counter(), time.process_time()
-    summary = run_tiling(_tiler_config(inputs, output, workers))
+    summary = run_tiling(_tiler_config(inputs, output, workers, overview))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert summary.failed == 0, summary.report()
     return seconds, cpu, summary.tiles
@@ -117,6 +119,8 @@ def bench(name: str, inputs: list[Path], work: Path, repeats: int = 1) -> dict:
         bare, bare_cpu = min(bare, w), min(bare_cpu, c)
     t2, _, tiles2 = _timed_tiling(inputs, work / f"{name}-w2", workers=2)
     assert tiles == tiles2
+    # the per-slide overview.png (matplotlib) is a fixed cost per slide: large on small slides
+    t_plain, _, _ = _timed_tiling(inputs, work / f"{name}-w1-plain", workers=1, overview=False)
     row = {
         "set": name,
         "tiles": tiles,
@@ -126,12 +130,14 @@ def bench(name: str, inputs: list[Path], work: Path, repeats: int = 1) -> dict:
         "tiler_1w_vs_bare": bare / t1,
         "tiler_1w_vs_bare_cpu": bare_cpu / c1,
         "scaling_2w_vs_1w": t1 / t2,
+        "tiler_1w_no_overview_vs_bare": bare / t_plain,
     }
     print(
         f"{name:<28} tiles={tiles:>6}  bare={row['bare_tiles_per_s']:8.1f}/s  "
         f"tiler 1w={row['tiler_1w_tiles_per_s']:8.1f}/s ({row['tiler_1w_vs_bare']:.2f}× bare, "
         f"CPU {row['tiler_1w_vs_bare_cpu']:.2f}×)  "
-        f"2w={row['tiler_2w_tiles_per_s']:8.1f}/s ({row['scaling_2w_vs_1w']:.2f}× 1w)",
+        f"2w={row['tiler_2w_tiles_per_s']:8.1f}/s ({row['scaling_2w_vs_1w']:.2f}× 1w)  "
+        f"1w without overview.png {row['tiler_1w_no_overview_vs_bare']:.2f}× bare",
         flush=True,
     )
     return row
