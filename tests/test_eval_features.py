@@ -315,3 +315,13 @@ def test_real_fid_inception_file(tiles):
     x = (_tf1_bilinear(batch.permute(0, 3, 1, 2).float(), 299) - 128) / 128
     torch.testing.assert_close(model.model(x), feats)
     assert model.describe()["known_file"] or model.weights_id  # fid-helper 0.1.3 default_1.pt is recognised
+
+
+def test_fid_inception_without_weights_uses_the_installed_file():
+    from cytosyn.eval.features import build_extractor
+
+    from cytosyn.models.inception import fid_helper_weights
+
+    ext = build_extractor("fid-inception")
+    assert ext.describe()["source"] == str(fid_helper_weights())
+    assert not ext.describe()["random_init"]
