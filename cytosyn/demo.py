@@ -76,7 +76,7 @@ def run_demo(output: Path, workers: int = 1, train_steps: int = DEFAULT_TRAIN_ST
         return 1
     timed("featurize", _featurize, output)
     run_dir = timed("train", _train, output, train_steps)
-    release = timed("release", _release, output, run_dir)
+    release = timed("release", _release, output, run_dir, train_steps)
     generated = timed("sample", _sample, output, release)
     report = timed("evaluate", _evaluate, output, release, generated, train_steps, timings)
     total = time.perf_counter() - t0
@@ -212,13 +212,18 @@ def _train(output: Path, steps: int) -> Path:
     return run_dir
 
 
-def _release(output: Path, run_dir: Path) -> Path:
+def _release(output: Path, run_dir: Path, steps: int) -> Path:
     from cytosyn.release import run_release
 
     release = output / "release"
     _stage(5, f"release the checkpoint → {release}")
-    if not (release / "SHA256SUMS").exists():
-        run_release(run_dir, release, name="cytosyn-demo-toy")
+    if (release / "SHA256SUMS").exists():
+        made_at = json.loads((release / "config.json").read_text()).get("training", {}).get("steps")
+        if made_at == steps:
+            return release  # a rerun: the release of this checkpoint is already there
+        print(f"  the release was made at step {made_at}: replaced by the step-{steps} checkpoint's")
+        shutil.rmtree(release)
+    run_release(run_dir, release, name="cytosyn-demo-toy")
     return release
 
 
