@@ -29,15 +29,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
-KATHER2016 = {
-    "01_TUMOR": "TUM",
-    "02_STROMA": "STR",
-    "04_LYMPHO": "LYM",
-    "05_DEBRIS": "DEB",
-    "06_MUCOSA": "NORM",
-    "07_ADIPOSE": "ADI",
-    "08_EMPTY": "BACK",
-}
+from cytosyn.demo import KATHER2016_TO_NCT
+
 
 
 def _csv(assets: Path, cohorts: list[str], out: Path) -> Path:
@@ -45,7 +38,7 @@ def _csv(assets: Path, cohorts: list[str], out: Path) -> Path:
     for cohort in cohorts:
         for path in sorted((assets / cohort).glob("*/*")):
             label = path.parent.name
-            label = KATHER2016.get(label) if cohort == "kather2016" else label
+            label = KATHER2016_TO_NCT.get(label) if cohort == "kather2016" else label
             if label is None:
                 continue
             mpp = 0.495 if cohort == "kather2016" else 0.5

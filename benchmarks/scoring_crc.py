@@ -41,16 +41,9 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
+from cytosyn.demo import KATHER2016_TO_NCT
+
 TILE_PX = 128
-KATHER_MAP = {
-    "01_TUMOR": "TUM",
-    "02_STROMA": "STR",
-    "04_LYMPHO": "LYM",
-    "05_DEBRIS": "DEB",
-    "06_MUCOSA": "NORM",
-    "07_ADIPOSE": "ADI",
-    "08_EMPTY": "BACK",
-}
 DIHEDRAL = [
     ("r0", []),
     ("r90", [Image.Transpose.ROTATE_90]),
@@ -90,8 +83,8 @@ def prepare_folders(out: Path, holdout: str) -> dict:
     by_label: dict[str, list[dict]] = {}
     skipped = []
     for r in rows:
-        label = KATHER_MAP.get(r["label"], r["label"]) if r["subset"] == "kather2016" else r["label"]
-        if r["subset"] == "kather2016" and r["label"] not in KATHER_MAP:
+        label = KATHER2016_TO_NCT.get(r["label"], r["label"]) if r["subset"] == "kather2016" else r["label"]
+        if r["subset"] == "kather2016" and r["label"] not in KATHER2016_TO_NCT:
             skipped.append(r["path"])
             continue
         by_label.setdefault(label, []).append(r)

@@ -49,6 +49,19 @@ def bundled_slide() -> Path:
     return Path(str(resources.files("cytosyn") / "assets" / "cmu_small_region.svs"))
 
 
+# Kather 2016's class folders → the 9-class names of CRC-VAL-HE-7K / NCT-CRC-HE-100K (the shipped CRC tiles);
+# 03_COMPLEX has no counterpart.
+KATHER2016_TO_NCT = {
+    "01_TUMOR": "TUM",
+    "02_STROMA": "STR",
+    "04_LYMPHO": "LYM",
+    "05_DEBRIS": "DEB",
+    "06_MUCOSA": "NORM",
+    "07_ADIPOSE": "ADI",
+    "08_EMPTY": "BACK",
+}
+
+
 def bundled_crc_tiles() -> Path:
     """The shipped CRC tile folder (class folders + manifest.csv + ATTRIBUTION.md)."""
     return Path(str(resources.files("cytosyn") / "assets" / "crc_tiles"))
