@@ -32,7 +32,6 @@ from pathlib import Path
 from cytosyn.demo import KATHER2016_TO_NCT
 
 
-
 def _csv(assets: Path, cohorts: list[str], out: Path) -> Path:
     rows = []
     for cohort in cohorts:
