@@ -51,16 +51,11 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str
 def linear_probe(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int, c: float = 1.0
 ) -> np.ndarray:
-    """Predicted test labels of a standardised multinomial logistic regression."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    """Predicted test labels of a standardised multinomial logistic regression with balanced class
+    weights (`cytosyn.scoring.metrics.fit_linear_probe`)."""
+    from cytosyn.scoring.metrics import fit_linear_probe
 
-    model = make_pipeline(
-        StandardScaler(),
-        LogisticRegression(C=c, max_iter=3000, class_weight="balanced", random_state=seed),
-    )
-    model.fit(x_train.astype(np.float64), y_train)
+    model = fit_linear_probe(x_train, list(y_train), seed, c, balanced=True, max_iter=3000)
     return model.predict(x_test.astype(np.float64))
 
 

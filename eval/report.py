@@ -122,7 +122,7 @@ def _metrics_markdown(metrics: Mapping[str, Any], intervals: Mapping[str, Any] |
         else:
             text = str(value)
         rows.append([f"`{name}`", text] + ([fmt_ci(intervals.get(name))] if intervals else []))
-    out.append(table(["metric", "value", *(["95% bootstrap CI (seed 1)"] if intervals else [])], rows))
+    out.append(table(["metric", "value", *(["95% bootstrap CI (first seed)"] if intervals else [])], rows))
     out.append("")
     return "\n".join(out)
 

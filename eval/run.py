@@ -225,7 +225,8 @@ def aggregate(results: list[StudyResult]) -> dict[str, dict[str, Any]]:
         vals = np.array([h.get(key, float("nan")) for h in heads], dtype=np.float64)
         out[key] = {
             "mean": float(vals.mean()),
-            "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+            # identical per-seed values (a seed-free metric) give 0, not a rounding residue such as 1e-16
+            "std": float(vals.std(ddof=1)) if len(vals) > 1 and np.ptp(vals) > 0 else 0.0,
             "per_seed": vals.tolist(),
         }
     return out
@@ -367,22 +368,25 @@ def study_markdown(results: list[StudyResult], agg: dict[str, dict[str, Any]], p
             f"- codecs vs {role}: reference `{c['reference']}`, generated `{c['generated']}` ({steps})"
         )
     s = d["settings"]
-    if "n_boot" in s:  # studies that compare generated tiles with references (not augment)
+    if "n_boot" in s and d["generated"]:  # studies that compare generated tiles with references
         out.append(
             f"- bootstrap {s['n_boot']} replicates ({int((1 - s['alpha']) * 100)}% percentile CIs over generated tiles), "
             f"PRDC k = {s['prdc_k']}, KID subsets {s['kid_subsets']} × {s['kid_subset_size']}, generated codec "
             f"`{s['generated_codec_settings']['format']}`"
         )
+    elif "n_boot" in s:  # studies of the reference tiles themselves (scoring's classify variant)
+        out.append(f"- bootstrap {s['n_boot']} replicates ({int((1 - s['alpha']) * 100)}% percentile CIs over tiles)")
     out.append("")
-    out.append("| extractor | encoder | weights | resize | conditioning encoder? |")
-    out.append("|---|---|---|---|---|")
-    for name, e in d["extractors"].items():
-        meta = e["metadata"]
-        out.append(
-            f"| `{name}` | {e['encoder']} | `{meta.get('weights')}` | `{json.dumps(meta.get('resize'))}` | "
-            f"{'yes' if e['is_conditioning_encoder'] else 'no'} |"
-        )
-    out.append("")
+    if d["extractors"]:
+        out.append("| extractor | encoder | weights | resize | conditioning encoder? |")
+        out.append("|---|---|---|---|---|")
+        for name, e in d["extractors"].items():
+            meta = e["metadata"]
+            out.append(
+                f"| `{name}` | {e['encoder']} | `{meta.get('weights')}` | `{json.dumps(meta.get('resize'))}` | "
+                f"{'yes' if e['is_conditioning_encoder'] else 'no'} |"
+            )
+        out.append("")
     out.append(get_study(r.study).markdown(results))
     if len(results) > 1:
         out.append("### Over seeds (mean ± std)")

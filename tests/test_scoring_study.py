@@ -126,8 +126,16 @@ def test_eval_classify_variant_report(sets, tmp_path):
         set(m["separation_auc"]) == {"unseen labels"}
         and m["separation_auc"]["unseen labels"]["margin"]["n_out"] == 3
     )
+    # the reference tiles are the prototypes' own: not scored unless asked (NFE only spent on held-out tiles)
+    assert set(m["tiles"]) == {"heldout"} and set(m["nfe"]["per_set"]) == {"heldout"}
+    # the discriminative baseline (1 − the probe's max class probability) is scored beside the generative ones
+    msp = np.asarray(m["tiles"]["heldout"]["scores"]["probe_msp"], dtype=np.float64)
+    assert msp.shape == (11,) and np.all((msp >= 0) & (msp < 1))
+    assert m["separation_auc"]["unseen labels"]["probe_msp"]["n_out"] == 3 and "probe_msp" in m["anomaly_scores"]
     assert (
-        "balanced_accuracy/generative" in doc["aggregate"] and "auc/margin/unseen labels" in doc["aggregate"]
+        "balanced_accuracy/generative" in doc["aggregate"]
+        and "auc/margin/unseen labels" in doc["aggregate"]
+        and "auc/probe_msp/unseen labels" in doc["aggregate"]
     )
     report = (out / "report.md").read_text()
     assert "Generative classification vs a linear probe" in report and "unseen labels" in report
@@ -183,4 +191,7 @@ def test_scoring_study_config_is_checked(sets):
     with pytest.raises(ConfigError, match="times"):
         build_config(EvalConfig, base | {"references": {"reference": str(sets["ref"]), "others": {"x": str(sets["ihc"])}},
                                          "scoring": {"times": {"values": [1.5]}}})  # fmt: skip
+    with pytest.raises(ConfigError, match="score_reference"):
+        build_config(EvalConfig, base | {"references": {"reference": str(sets["ref"]), "others": {"x": str(sets["ihc"])}},
+                                         "scoring": {"score_reference": False}})  # fmt: skip
     assert isinstance(Path(sets["ref"]), Path)

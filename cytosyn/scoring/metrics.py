@@ -5,8 +5,9 @@
 - :func:`auc_with_ci`: ROC AUC of a score separating "out" (positive, e.g. a new domain or a held-out
   class) from "in" tiles, with a stratified bootstrap (in and out tiles resampled separately, so every
   replicate has both groups — a plain joint bootstrap can draw a replicate with one group only);
-- :func:`linear_probe`: the discriminative baseline, a multinomial logistic regression on the same
-  encoder features.
+- :func:`fit_linear_probe` / :func:`linear_probe`: the discriminative baseline, a multinomial logistic
+  regression on the same encoder features (its maximum class probability is the discriminative anomaly
+  baseline of the scoring study, Hendrycks & Gimpel's maximum softmax probability).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from .engine import ScoringError
 
-__all__ = ["auc_with_ci", "classification_metrics", "linear_probe"]
+__all__ = ["auc_with_ci", "classification_metrics", "fit_linear_probe", "linear_probe"]
 
 
 def _ci(estimate: float, reps: np.ndarray, alpha: float) -> dict[str, float]:
@@ -131,6 +132,33 @@ def _rank_auc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (ranks[:, n_a:].sum(axis=1) - n_b * (n_b + 1) / 2) / (n_a * n_b)
 
 
+def fit_linear_probe(
+    train_x: np.ndarray,
+    train_y: Sequence[str],
+    seed: int = 0,
+    c: float = 1.0,
+    balanced: bool = False,
+    max_iter: int = 5000,
+) -> Any:
+    """A standardised multinomial logistic regression fitted on ``train_x`` (scikit-learn, L2, ``C = c``;
+    ``balanced``: class weights inversely proportional to class counts): the usual linear probe on frozen
+    encoder features. Returns the fitted scikit-learn pipeline (``predict``, ``predict_proba``)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(set(train_y)) < 2:
+        raise ScoringError("a linear probe needs at least 2 labels in its training split")
+    model = make_pipeline(
+        StandardScaler(),
+        LogisticRegression(
+            C=c, max_iter=max_iter, class_weight="balanced" if balanced else None, random_state=seed
+        ),
+    )
+    model.fit(np.asarray(train_x, dtype=np.float64), np.asarray(list(train_y)))  # str or int labels
+    return model
+
+
 def linear_probe(
     train_x: np.ndarray,
     train_y: Sequence[str],
@@ -138,14 +166,5 @@ def linear_probe(
     seed: int = 0,
     c: float = 1.0,
 ) -> np.ndarray:
-    """Predicted labels of ``test_x`` by a standardised multinomial logistic regression fitted on
-    ``train_x`` (scikit-learn, L2, ``C = c``): the usual linear probe on frozen encoder features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if len(set(train_y)) < 2:
-        raise ScoringError("a linear probe needs at least 2 labels in its training split")
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000, random_state=seed))
-    model.fit(np.asarray(train_x, dtype=np.float64), np.asarray(list(train_y), dtype=object))
-    return model.predict(np.asarray(test_x, dtype=np.float64))
+    """Predicted labels of ``test_x`` by `fit_linear_probe` fitted on ``train_x``."""
+    return fit_linear_probe(train_x, train_y, seed, c).predict(np.asarray(test_x, dtype=np.float64))

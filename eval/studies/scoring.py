@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
+from tqdm import tqdm
 
 from cytosyn.config import StrictModel
 from cytosyn.scoring import (
@@ -39,7 +40,7 @@ from cytosyn.scoring import (
     score_batch,
 )
 from cytosyn.scoring.conditions import Prototypes
-from cytosyn.scoring.metrics import auc_with_ci, classification_metrics, linear_probe
+from cytosyn.scoring.metrics import auc_with_ci, classification_metrics, fit_linear_probe
 from cytosyn.scoring.run import PruningConfig, TimesConfig
 
 from ..harness import HarnessOptions, StudyResult, describe_generator, study_settings
@@ -51,7 +52,13 @@ from .common import comparisons_headline, distances_markdown
 if TYPE_CHECKING:
     from ..run import EvalConfig
 
-__all__ = ["STUDY", "ScoringStudyConfig", "scoring_study"]
+__all__ = ["PROBE_SCORE", "STUDY", "ScoringStudyConfig", "scoring_study"]
+
+PROBE_SCORE = "probe_msp"  # classify variant: the discriminative anomaly baseline
+PROBE_SCORE_NOTE = (
+    "baseline, not generative: 1 − the linear probe's maximum class probability on the same conditioning "
+    "embeddings (maximum softmax probability, Hendrycks & Gimpel 2017)"
+)
 
 
 class ScoringStudyConfig(StrictModel):
@@ -70,6 +77,9 @@ class ScoringStudyConfig(StrictModel):
     margin_k: int = Field(default=10, ge=1)
     frechet: bool = True  # domain variant: run the domain study's FD numbers on the same sets too
     top_tiles: int = Field(default=6, ge=0)
+    # score the reference split's own tiles too: always in the domain variant (they are its "in" group); in
+    # the classify variant they are the prototypes' own tiles, so scoring them only measures training fit
+    score_reference: bool | None = None
     batch_size: int = Field(default=64, ge=1)  # rows per forward
     tiles_per_batch: int = Field(default=16, ge=1)
 
@@ -246,12 +256,27 @@ def scoring_study(
         else None
     )
     plan = ScoringPlan(conditions, engine, weights, pruning, cfg.margin_k)
+    score_reference = cfg.variant == "domain" or bool(cfg.score_reference)
+    to_score = ({"reference": ref} if score_reference else {}) | dict(others)
     scored: dict[str, TileScores] = {}
-    for name, batch in {"reference": ref, **others}.items():
-        raw = score_batch(pipe, batch, plan, cfg.tiles_per_batch)
-        scored[name] = decide(plan, batch.keys, batch.labels, batch.meta, raw)
+    with tqdm(
+        total=sum(len(b) for b in to_score.values()),
+        unit="tile",
+        desc=f"score (seed {seed})",
+        disable=not opts.progress,
+    ) as bar:
+        for name, batch in to_score.items():
+            raw = score_batch(pipe, batch, plan, cfg.tiles_per_batch, progress=bar)
+            scored[name] = decide(plan, batch.keys, batch.labels, batch.meta, raw)
     timings["scoring_s"] = time.perf_counter() - t0
     classes = plan.class_names
+    classification: dict[str, Any] = {}
+    if cfg.variant == "classify":
+        classification, probe_score = _classification(
+            ref, others["heldout"], scored["heldout"], classes, opts, seed
+        )
+        if probe_score is not None:  # the discriminative anomaly baseline, beside the generative scores
+            scored["heldout"].anomaly[PROBE_SCORE] = probe_score
     separation: dict[str, dict[str, Any]] = {}
     for score, groups in _groups(cfg.variant, scored, classes).items():
         for name, vals in groups.items():
@@ -270,14 +295,15 @@ def scoring_study(
             "per_set": {name: int(s.raw.nfe.sum()) for name, s in scored.items()},
         },
         "anomaly_scores": {
-            k: v for k, v in ANOMALY_SCORES.items() if any(k in s.anomaly for s in scored.values())
+            k: v
+            for k, v in (ANOMALY_SCORES | {PROBE_SCORE: PROBE_SCORE_NOTE}).items()
+            if any(k in s.anomaly for s in scored.values())
         },
         "separation_auc": separation,
         "separation_note": "ROC AUC of each score for 'out' tiles (positive) vs 'in' tiles; stratified bootstrap CI",
         "tiles": {name: _per_tile(s) for name, s in scored.items()},
     }
-    if cfg.variant == "classify":
-        metrics |= _classification(ref, others["heldout"], scored["heldout"], classes, opts, seed)
+    metrics |= classification
     if frechet is not None:
         metrics["frechet"] = frechet.to_dict(strict=False)["metrics"]
     provenance = {name: _provenance(s) for name, s in {"reference": reference_set, **other_sets}.items()}
@@ -309,25 +335,35 @@ def _classification(
     classes: list[str],
     opts: HarnessOptions,
     seed: int,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], np.ndarray | None]:
     """Generative classification vs a linear probe on the same encoder features (the model's own
-    conditioning embeddings of the same reference tiles), on held-out tiles of known classes."""
+    conditioning embeddings of the same reference tiles), on held-out tiles of known classes. Also
+    returns the probe's anomaly score of every held-out tile (`PROBE_SCORE`: 1 − its maximum class
+    probability, the maximum-softmax-probability baseline of out-of-distribution detection)."""
     idx = [i for i, lab in enumerate(test.labels) if lab in classes]
     if len(idx) < 2:
-        return {"classification": None, "classification_note": "fewer than 2 held-out tiles of known classes"}
+        return {
+            "classification": None,
+            "classification_note": "fewer than 2 held-out tiles of known classes",
+        }, None
     truth = [str(test.labels[i]) for i in idx]
     gen = classification_metrics(
         truth, [str(test.predicted[i]) for i in idx], classes, n_boot=opts.n_boot, seed=seed
     )
     assert ref.own is not None and test_tiles.own is not None
     train = [i for i, lab in enumerate(ref.labels) if lab in classes]
-    pred = linear_probe(ref.own[train], [str(ref.labels[i]) for i in train], test_tiles.own[idx], seed=seed)
-    probe = classification_metrics(truth, [str(p) for p in pred], classes, n_boot=opts.n_boot, seed=seed)
-    return {
-        "classification": {"generative": gen, "linear_probe": probe},
+    probe = fit_linear_probe(ref.own[train], [str(ref.labels[i]) for i in train], seed=seed)
+    test_x = test_tiles.own.astype(np.float64)
+    pred = probe.predict(test_x[idx])
+    probe_metrics = classification_metrics(
+        truth, [str(p) for p in pred], classes, n_boot=opts.n_boot, seed=seed
+    )
+    metrics = {
+        "classification": {"generative": gen, "linear_probe": probe_metrics},
         "classification_note": "held-out tiles whose label is one of the reference's classes; the linear probe is a "
         "standardised multinomial logistic regression on the model's conditioning embeddings of the reference tiles",
     }
+    return metrics, 1.0 - probe.predict_proba(test_x).max(axis=1)
 
 
 def _top_tiles(
@@ -365,6 +401,10 @@ def _check_config(cfg: EvalConfig) -> None:
         )
     if s.variant == "domain" and not cfg.references.others:
         raise ValueError("the scoring study's domain variant needs references.others (name → new-domain set)")
+    if s.variant == "domain" and s.score_reference is False:
+        raise ValueError(
+            "scoring.score_reference: false does not apply to the domain variant: the reference tiles are its 'in' group"
+        )
     if s.variant == "classify" and cfg.references.heldout is None:
         raise ValueError(
             "the scoring study's classify variant needs references.heldout (a labelled held-out split)"
