@@ -75,8 +75,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from cytosyn.data_prep.pack import run_pack, verify_dataset
+    from cytosyn.data_prep.pack import run_pack
     from cytosyn.data_prep.pack_config import PackConfig
+    from cytosyn.data_prep.verify import verify_dataset
 
     if args.verify is not None:
         report = verify_dataset(args.verify)

@@ -149,8 +149,9 @@ def _tile_and_ingest(output: Path, workers: int) -> int:
 
 
 def _pack(output: Path) -> bool:
-    from cytosyn.data_prep.pack import run_pack, verify_dataset
+    from cytosyn.data_prep.pack import run_pack
     from cytosyn.data_prep.pack_config import PackConfig
+    from cytosyn.data_prep.verify import verify_dataset
 
     _stage(2, f"pack patient-level train / held-out splits → {output / 'dataset'}")
     pack_cfg = build_config(

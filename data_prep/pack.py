@@ -22,6 +22,9 @@ The run, in order (see docs/datasets.md for the user's view):
 5. **Manifests last.** One ``manifest.json`` per split (atomic), then ``pack_summary.json``, the marker
    of a finished dataset.
 
+Modules: this one plans and writes; :mod:`cytosyn.data_prep.pack_inputs` reads the tiling folders (step 1
+and the run's signature); :mod:`cytosyn.data_prep.verify` checks a finished dataset (``--verify``).
+
 Rerun: if ``pack_summary.json`` exists with the same signature (settings + every input slide's state
 signature and shard sha256 + slide table) the run is a no-op; with another signature it is refused.
 A folder left by a crashed run (no summary) is cleaned — manifests first, then this tool's shards — and
@@ -48,6 +51,15 @@ from typing import Any
 
 import numpy as np
 from cytosyn.data_prep.pack_config import PackConfig
+from cytosyn.data_prep.pack_inputs import (
+    Inputs,
+    PackError,
+    SlideInput,
+    collect_inputs,
+    listing,
+    pack_signature,
+    slide_provenance,
+)
 from cytosyn.data_prep.splits import (
     SlideRecord,
     SplitError,
@@ -58,16 +70,13 @@ from cytosyn.data_prep.splits import (
 )
 from tqdm import tqdm
 
-from cytosyn.config import ConfigError, config_hash, write_resolved_config
+from cytosyn.config import write_resolved_config
 from cytosyn.fileio import atomic_write_text, code_version, sha256_file
-from cytosyn.formats import IMAGE_EXTENSIONS, SLIDE_STATE_FILE, SLIDES_DIR, missing_tile_fields
-from cytosyn.identity import TableRow, read_slide_table
+from cytosyn.formats import IMAGE_EXTENSIONS, missing_tile_fields
 from cytosyn.manifest import (
     MANIFEST_FILE,
-    ManifestError,
     ShardEntry,
     SplitManifest,
-    read_manifest,
     write_manifest,
 )
 from cytosyn.shardio import (
@@ -76,8 +85,6 @@ from cytosyn.shardio import (
     ShardReadError,
     ShardWriter,
     iter_shard_samples,
-    read_sample_digests,
-    sample_digest,
 )
 from cytosyn.workers import worker_pool
 
@@ -86,11 +93,6 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "pack_summary.json"
 RESOLVED_CONFIG_FILE = "pack_config.yaml"
 WORK_DIR = ".pack-work"
-_LIST_SHOWN = 10
-
-
-class PackError(ValueError):
-    """Inputs or an output folder that ``pack`` refuses; the message says what is wrong and where."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -100,11 +102,6 @@ def shard_name(split: str, index: int) -> str:
 def _shard_pattern(split: str) -> re.Pattern[str]:
     # the shard, its .partial while written, its .digests and that file's atomic-write temporaries
     return re.compile(rf"^\.?{re.escape(split)}-\d{{6}}\.tar(\.partial|\.digests(\.[^.]+\.tmp)?)?$")
-
-
-def _listing(items: list[str], n: int = _LIST_SHOWN) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,203 +131,6 @@ def _check_sample(path: Path, sample: Sample) -> str:
     if len(images) > 1 or len(set(exts)) != len(exts):
         raise PackError(f"{path}: sample {key!r} has repeated or several image members ({exts})")
     return images[0]
-
-
-# --------------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SlideInput:
-    slide_id: str
-    folder: Path
-    patient_id: str
-    tss: str
-    project: str
-    identity_source: str
-    tiles: int
-    shards: list[dict[str, Any]]  # from state.json: name, count, bytes, sha256
-    signature: str
-    settings_hash: str
-    tile_identity: dict[str, Any]  # the identity recorded by the tiler (and in every tile's JSON)
-    label_table: dict[str, Any] | None = None  # {path, sha256} of the label table ingest applied
-
-
-@dataclass
-class Inputs:
-    slides: list[SlideInput]
-    excluded: list[dict[str, str]]  # slide_id, folder, status, error
-    unknown_table_rows: list[str]
-    identity_overrides: list[str]
-    table_sha256: str | None
-    found: int
-
-
-_IDENTITY_KEYS = ("patient_id", "tss", "project", "identity_source")
-
-
-def _apply_table(identity: dict[str, Any], row: TableRow | None) -> dict[str, str]:
-    out = {k: str(identity[k]) for k in _IDENTITY_KEYS}
-    if row is not None:
-        if row.patient_id:
-            out["patient_id"] = row.patient_id
-            out["identity_source"] = "table"
-        if row.site:
-            out["tss"] = row.site
-        if row.project:
-            out["project"] = row.project
-    return out
-
-
-def collect_inputs(cfg: PackConfig) -> Inputs:
-    """Read every slide state of the tiling folders and settle each usable slide's identity."""
-    if not cfg.inputs.tiles:
-        raise ConfigError("no input: set inputs.tiles to one or more `cytosyn tile` output folders")
-    table: dict[str, TableRow] = {}
-    table_sha = None
-    if cfg.inputs.slide_table is not None:
-        table = read_slide_table(cfg.inputs.slide_table)
-        table_sha = sha256_file(cfg.inputs.slide_table)
-
-    seen: dict[str, Path] = {}
-    usable: list[SlideInput] = []
-    excluded: list[dict[str, str]] = []
-    for tiles_dir in cfg.inputs.tiles:
-        root = Path(tiles_dir) / SLIDES_DIR
-        if not root.is_dir():
-            raise PackError(
-                f"input {tiles_dir} has no {SLIDES_DIR}/ folder: is it a `cytosyn tile` output folder?"
-            )
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            sid = folder.name
-            if sid in seen:
-                raise PackError(f"slide {sid!r} is in two input folders: {seen[sid]} and {folder}")
-            seen[sid] = folder
-            state_path = folder / SLIDE_STATE_FILE
-            if not state_path.is_file():
-                excluded.append(
-                    {
-                        "slide_id": sid,
-                        "folder": str(folder),
-                        "status": "unfinished",
-                        "error": "no state.json (tiling never finished)",
-                    }
-                )
-                continue
-            try:
-                state = json.loads(state_path.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                excluded.append(
-                    {
-                        "slide_id": sid,
-                        "folder": str(folder),
-                        "status": "unreadable",
-                        "error": f"state.json: {err}",
-                    }
-                )
-                continue
-            status = str(state.get("status"))
-            if status != "done":
-                error = f"{state.get('error_type', '')}: {state.get('error', '')}".strip(": ")
-                excluded.append({"slide_id": sid, "folder": str(folder), "status": status, "error": error})
-                continue
-            slide = _usable_slide(sid, folder, state, table.get(sid))
-            if slide.tiles == 0:
-                excluded.append(
-                    {"slide_id": sid, "folder": str(folder), "status": "empty", "error": "done, but no tiles"}
-                )
-                continue
-            usable.append(slide)
-
-    unknown = sorted(set(table) - set(seen))
-    overrides = sorted(
-        s.slide_id
-        for s in usable
-        if any(str(s.tile_identity.get(k)) != getattr(s, k) for k in _IDENTITY_KEYS if k != "identity_source")
-    )
-    unpatiented = sorted(s.slide_id for s in usable if s.identity_source == "slide_id")
-    if unpatiented and not cfg.inputs.allow_slide_patients:
-        raise PackError(
-            f"{len(unpatiented)} slide(s) have no known patient (identity_source 'slide_id': not a TCGA barcode "
-            f"and no patient_id in a slide table): {_listing(unpatiented)}. Two slides of one patient would leak "
-            "across splits. Give their patient_id in inputs.slide_table, or set inputs.allow_slide_patients=true "
-            "to treat each slide as its own patient."
-        )
-    if cfg.inputs.require_all_done and excluded:
-        raise PackError(
-            f"{len(excluded)} slide(s) are not done and inputs.require_all_done is set: "
-            + _listing([f"{e['slide_id']} ({e['status']})" for e in excluded])
-        )
-    return Inputs(usable, excluded, unknown, overrides, table_sha, len(seen))
-
-
-def _usable_slide(sid: str, folder: Path, state: dict[str, Any], row: TableRow | None) -> SlideInput:
-    where = folder / SLIDE_STATE_FILE
-    if state.get("slide_id", sid) != sid:
-        raise PackError(f"{where} is for slide {state.get('slide_id')!r}, but lies in the folder of {sid!r}")
-    identity = state.get("identity")
-    if not isinstance(identity, dict) or any(k not in identity for k in _IDENTITY_KEYS):
-        raise PackError(f"{where} has no complete identity ({', '.join(_IDENTITY_KEYS)})")
-    shards = state.get("shards")
-    if not isinstance(shards, list) or not shards:
-        raise PackError(f"{where} is done but lists no shards")
-    for s in shards:
-        if not isinstance(s, dict) or any(k not in s for k in ("name", "count", "bytes", "sha256")):
-            raise PackError(f"{where}: a shard entry lacks name/count/bytes/sha256: {s!r}")
-        path = folder / s["name"]
-        if not path.is_file():
-            raise PackError(f"input shard {path} is missing (listed in {where}); re-tile slide {sid}")
-        size = path.stat().st_size
-        if size != s["bytes"]:
-            raise PackError(
-                f"input shard {path} has {size} bytes but {where} says {s['bytes']}: truncated or replaced "
-                f"after tiling; re-tile slide {sid}"
-            )
-    tiles = sum(int(s["count"]) for s in shards)
-    if "tiles" in state and int(state["tiles"]) != tiles:
-        raise PackError(f"{where}: tiles={state['tiles']} but its shards hold {tiles}")
-    ident = _apply_table(identity, row)
-    return SlideInput(
-        slide_id=sid,
-        folder=folder,
-        patient_id=ident["patient_id"],
-        tss=ident["tss"],
-        project=ident["project"],
-        identity_source=ident["identity_source"],
-        tiles=tiles,
-        shards=shards,
-        signature=str(state.get("signature", "")),
-        settings_hash=str(state.get("settings_hash", "")),
-        tile_identity=identity,
-        label_table=state.get("label_table"),
-    )
-
-
-def _slide_provenance(s: SlideInput) -> dict[str, Any]:
-    return {
-        "signature": s.signature,
-        "settings_hash": s.settings_hash,
-        "shards": [
-            {"name": sh["name"], "count": int(sh["count"]), "sha256": sh["sha256"]} for sh in s.shards
-        ],
-    }
-
-
-def pack_signature(cfg: PackConfig, inputs: Inputs) -> str:
-    """Identity of a pack: settings, every input slide (state signature, shard hashes, identity), the table."""
-    return config_hash(
-        {
-            "settings": cfg.output_settings(),
-            "slides": {
-                s.slide_id: _slide_provenance(s)
-                | {"identity": [s.patient_id, s.tss, s.project, s.identity_source]}
-                for s in inputs.slides
-            },
-            "excluded": sorted((e["slide_id"], e["status"]) for e in inputs.excluded),
-            "slide_table_sha256": inputs.table_sha256,
-        }
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,16 +172,16 @@ class PackSummary:
             lines.append(f"  EXCLUDED {e['slide_id']} [{e['status']}]: {e['error']}")
         if self.unknown_table_rows:
             lines.append(
-                f"  slide table rows with no tiles: {len(self.unknown_table_rows)}: {_listing(self.unknown_table_rows)}"
+                f"  slide table rows with no tiles: {len(self.unknown_table_rows)}: {listing(self.unknown_table_rows)}"
             )
         if self.identity_overrides:
             lines.append(
                 f"  slides whose identity comes from the slide table, not their tiles' JSON: "
-                f"{len(self.identity_overrides)}: {_listing(self.identity_overrides)}"
+                f"{len(self.identity_overrides)}: {listing(self.identity_overrides)}"
             )
         if self.mixed_tss_patients:
             lines.append(
-                f"  patients held out with slides from non-held-out TSSs too: {_listing(self.mixed_tss_patients)}"
+                f"  patients held out with slides from non-held-out TSSs too: {listing(self.mixed_tss_patients)}"
             )
         lines += [f"  WARNING: {w}" for w in self.warnings]
         lines.append(f"{'split':<12}{'patients':>10}{'slides':>8}{'tiles':>12}{'available':>12}{'shards':>8}")
@@ -530,7 +330,7 @@ class _SplitPlan:
     labels: Counter = field(default_factory=Counter)  # tiles per label (JSON "label"; None = unlabelled)
 
 
-def _key_hash(key: str) -> int:
+def key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
 
 
@@ -595,7 +395,7 @@ def run_pack(cfg: PackConfig) -> PackSummary:
         log.warning(
             "%d slide table row(s) have no tiles: %s",
             len(inputs.unknown_table_rows),
-            _listing(inputs.unknown_table_rows),
+            listing(inputs.unknown_table_rows),
         )
     for e in inputs.excluded:
         log.warning("slide %s excluded (%s): %s", e["slide_id"], e["status"], e["error"])
@@ -662,7 +462,7 @@ def run_pack(cfg: PackConfig) -> PackSummary:
                     else None
                 ),
                 "slides": {
-                    s.slide_id: _slide_provenance(s) for s in sorted(p.slides, key=lambda s: s.slide_id)
+                    s.slide_id: slide_provenance(s) for s in sorted(p.slides, key=lambda s: s.slide_id)
                 },
                 # Label tables are data: the ones ingest applied to this split's tiles, by content hash.
                 "label_tables": [
@@ -870,7 +670,7 @@ def _read_input_shard(
                     f"(sample {key!r} of {it.path}); pack slides tiled with one codec format"
                 )
             p = int(it.positions[j])
-            key_hashes[j] = _key_hash(key)
+            key_hashes[j] = key_hash(key)
             buckets.add(it.split_index, p // size, _encode_record(p, key, members))
             j += 1
     if j != len(it.chosen):
@@ -1025,251 +825,3 @@ def _write_shards(
     finally:
         bar.close()
     return {p.name: [infos[(i, b)] for b in range(-(-p.samples // size))] for i, p in enumerate(plans)}
-
-
-# --------------------------------------------------------------------------------------------------
-# Verify
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class VerifyReport:
-    dataset: str
-    violations: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    splits: dict[str, dict[str, Any]] = field(default_factory=dict)  # patients, slides, tiles, shards
-    by_project: dict[str, dict[str, list[int]]] = field(
-        default_factory=dict
-    )  # project → split → [patients, slides, tiles]
-    by_tss: dict[str, dict[str, list[int]]] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.violations
-
-    def raise_for_violations(self) -> None:
-        if self.violations:
-            raise PackError(
-                f"dataset {self.dataset} failed verification:\n"
-                + "\n".join(f"  {v}" for v in self.violations)
-            )
-
-    def report(self) -> str:
-        names = list(self.splits)
-        head = "OK" if self.ok else f"FAILED ({len(self.violations)} violation(s))"
-        lines = [f"dataset {self.dataset}: {head}"]
-        lines += [f"  VIOLATION: {v}" for v in self.violations]
-        lines += [f"  warning: {w}" for w in self.warnings]
-        lines.append("")
-        lines.append(f"{'split':<14}{'patients':>10}{'slides':>8}{'tiles':>12}{'shards':>8}")
-        for name, s in self.splits.items():
-            lines.append(f"{name:<14}{s['patients']:>10}{s['slides']:>8}{s['tiles']:>12}{s['shards']:>8}")
-        for title, table in (("project", self.by_project), ("TSS", self.by_tss)):
-            lines.append("")
-            lines.append(f"per {title}: patients / slides / tiles")
-            width = max([len(title), *(len(k) for k in table)]) + 2
-            cells = (
-                {
-                    n: max(
-                        len(n), *(len("/".join(map(str, row.get(n, [0, 0, 0])))) for row in table.values())
-                    )
-                    + 2
-                    for n in names
-                }
-                if table
-                else {}
-            )
-            lines.append(f"{title:<{width}}" + "".join(f"{n:>{cells[n]}}" for n in names))
-            for key, row in table.items():
-                lines.append(
-                    f"{key:<{width}}"
-                    + "".join(f"{'/'.join(map(str, row.get(n, [0, 0, 0]))):>{cells[n]}}" for n in names)
-                )
-        return "\n".join(lines)
-
-
-def verify_dataset(dataset_dir: str | Path, *, progress: bool = True) -> VerifyReport:
-    """Check a packed dataset: disjoint patients and slides, every shard's sha256 and count, stats.
-
-    Every shard is read in full: its sha256 and size must match the manifest, its samples (counted in
-    the tar) must match the manifest's count, each sample must have the image member and a JSON whose
-    slide is one of the split's slides, and keys must be unique in the split. Patients must not be in
-    two splits, by the manifests' lists and by the tiles' own JSON.
-    """
-    root = Path(dataset_dir)
-    rep = VerifyReport(dataset=str(root))
-    split_dirs = sorted(p for p in root.iterdir() if (p / MANIFEST_FILE).is_file()) if root.is_dir() else []
-    try:  # list splits in the order pack made them (train, val, test, ...) when it says so
-        order = list(json.loads((root / SUMMARY_FILE).read_text()).get("splits", {}))
-    except (OSError, ValueError, AttributeError):
-        order = []
-    split_dirs.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
-    if not (root / SUMMARY_FILE).is_file():
-        rep.violations.append(
-            f"no {SUMMARY_FILE} under {root}: the pack did not finish (killed before its manifests and summary "
-            "were all written?); run the same pack command again"
-        )
-    present = {d.name for d in split_dirs}
-    for name in order:
-        if name not in present:
-            rep.violations.append(
-                f"split {name}: manifest missing ({root / name / MANIFEST_FILE}), though {SUMMARY_FILE} lists it"
-            )
-    if not split_dirs:
-        rep.violations.append(f"no split manifest ({MANIFEST_FILE}) under {root}")
-        return rep
-
-    manifests: dict[str, SplitManifest] = {}
-    for d in split_dirs:
-        try:
-            manifests[d.name] = read_manifest(d)
-        except (ManifestError, ValueError) as err:
-            rep.violations.append(f"split {d.name}: {err}")
-    for name, m in manifests.items():
-        if m.split != name:
-            rep.violations.append(f"folder {name}/ holds the manifest of split {m.split!r}")
-
-    total_shards = sum(len(m.shards) for m in manifests.values())
-    bar = tqdm(total=total_shards, unit="shard", desc="verify", disable=not progress, dynamic_ncols=True)
-    json_patients: dict[str, set[str]] = {}
-    slide_tiles: dict[str, dict[str, int]] = {}
-    try:
-        for name, m in manifests.items():
-            json_patients[name], slide_tiles[name] = _verify_split(root / name, m, rep, bar)
-    finally:
-        bar.close()
-
-    _check_disjoint(rep, {n: set(m.patients) for n, m in manifests.items()}, "patient", "manifest")
-    _check_disjoint(rep, {n: set(m.slides) for n, m in manifests.items()}, "slide", "manifest")
-    _check_disjoint(rep, json_patients, "patient", "tile JSON")
-
-    for name, m in manifests.items():
-        per_slide = m.stats.get("per_slide", {}) if isinstance(m.stats, dict) else {}
-        tiles = slide_tiles[name]
-        patients: set[str] = set()
-        for sid in m.slides:
-            info = per_slide.get(sid, {})
-            proj, tss, pat = info.get("project", "?"), info.get("tss", "?"), info.get("patient_id", "?")
-            patients.add(pat)
-            n = tiles.get(sid, 0)
-            for table, k in ((rep.by_project, proj), (rep.by_tss, tss)):
-                cell = table.setdefault(k, {}).setdefault(name, [set(), 0, 0])
-                cell[0].add(pat)
-                cell[1] += 1
-                cell[2] += n
-            if info and "tiles" in info and info["tiles"] != n:
-                rep.violations.append(
-                    f"split {name}: slide {sid} has {n} tiles in the shards, manifest stats say {info['tiles']}"
-                )
-        rep.splits[name] = {
-            "patients": len(m.patients),
-            "slides": len(m.slides),
-            "tiles": sum(tiles.values()),
-            "shards": len(m.shards),
-        }
-    for table in (rep.by_project, rep.by_tss):
-        for k in list(table):
-            table[k] = {n: [len(c[0]), c[1], c[2]] for n, c in table[k].items()}
-        sorted_items = sorted(table.items())
-        table.clear()
-        table.update(sorted_items)
-    return rep
-
-
-def _verify_split(folder: Path, m: SplitManifest, rep: VerifyReport, bar) -> tuple[set[str], dict[str, int]]:
-    name = m.split
-    slides = set(m.slides)
-    patients: set[str] = set()
-    tiles: dict[str, int] = defaultdict(int)
-    keys: list[int] = []
-    listed = {s.name for s in m.shards}
-    for f in sorted(folder.glob("*.tar")):
-        if f.name not in listed:
-            rep.warnings.append(f"split {name}: {f.name} is not listed in the manifest (ignored by loaders)")
-    counts = [s.count for s in m.shards]
-    size = (m.config.get("shards") or {}).get("samples_per_shard") or (counts[0] if counts else 0)
-    if any(c != size for c in counts[:-1]) or (counts and not 0 < counts[-1] <= size):
-        rep.violations.append(
-            f"split {name}: shards are not fixed-count ({size} each but the last; counts {counts[:5]}...{counts[-1:]})"
-        )
-    for entry in m.shards:
-        path = folder / entry.name
-        bar.update(1)
-        if not path.is_file():
-            rep.violations.append(f"split {name}: shard {entry.name} is missing")
-            continue
-        if path.stat().st_size != entry.bytes:
-            rep.violations.append(
-                f"split {name}: shard {entry.name} has {path.stat().st_size} bytes, manifest says {entry.bytes}"
-            )
-        count = 0
-        reader = None
-        digests = None
-        if entry.digests is not None:
-            digests = read_sample_digests(folder / entry.digests, entry.digests_sha256)
-            if digests is None:
-                rep.violations.append(
-                    f"split {name}: {entry.digests} is missing or does not match the manifest"
-                )
-        damaged = 0
-        try:
-            for (key, members), reader in iter_tar_samples(path):  # noqa: B007
-                if digests is not None and (
-                    count >= len(digests) or sample_digest(key, members) != digests[count]
-                ):
-                    damaged += 1
-                count += 1
-                keys.append(_key_hash(key))
-                exts = [e for e, _ in members]
-                if m.image_member not in exts or "json" not in exts:
-                    rep.violations.append(
-                        f"split {name}: {entry.name}: sample {key!r} lacks {m.image_member} or json ({exts})"
-                    )
-                    continue
-                try:
-                    meta = json.loads(next(d for e, d in members if e == "json"))
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    rep.violations.append(f"split {name}: {entry.name}: sample {key!r} has unreadable JSON")
-                    continue
-                sid = meta.get("slide_id")
-                if sid not in slides:
-                    rep.violations.append(
-                        f"split {name}: {entry.name}: sample {key!r} is from slide {sid!r}, not in the manifest"
-                    )
-                tiles[str(sid)] += 1
-                if meta.get("patient_id") is not None:
-                    patients.add(str(meta["patient_id"]))
-        except PackError as err:
-            rep.violations.append(f"split {name}: {err}")
-            continue
-        digest = reader.sha.hexdigest() if reader is not None else sha256_file(path)
-        if digest != entry.sha256:
-            rep.violations.append(
-                f"split {name}: shard {entry.name} sha256 {digest[:16]}... != manifest {entry.sha256[:16]}..."
-            )
-        if count != entry.count:
-            rep.violations.append(
-                f"split {name}: shard {entry.name} holds {count} samples, manifest says {entry.count}"
-            )
-        if damaged:
-            rep.violations.append(
-                f"split {name}: {damaged} sample(s) of {entry.name} differ from their digests"
-            )
-    if keys:
-        arr = np.sort(np.asarray(keys, dtype=np.uint64))
-        n_dup = int((arr[1:] == arr[:-1]).sum())
-        if n_dup:
-            rep.violations.append(f"split {name}: {n_dup} duplicate sample key(s)")
-    return patients, dict(tiles)
-
-
-def _check_disjoint(rep: VerifyReport, sets: dict[str, set[str]], what: str, source: str) -> None:
-    owner: dict[str, list[str]] = defaultdict(list)
-    for split, items in sets.items():
-        for item in items:
-            owner[item].append(split)
-    leaks = sorted((k, v) for k, v in owner.items() if len(v) > 1)
-    if leaks:
-        shown = "; ".join(f"{k} in {sorted(v)}" for k, v in leaks[:_LIST_SHOWN])
-        more = f" ... ({len(leaks) - _LIST_SHOWN} more)" if len(leaks) > _LIST_SHOWN else ""
-        rep.violations.append(f"{len(leaks)} {what}(s) in two splits ({source}): {shown}{more}")

@@ -11,11 +11,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from cytosyn.data_prep.pack import PackError, iter_tar_samples, run_pack, verify_dataset
+from cytosyn.data_prep.pack import PackError, iter_tar_samples, run_pack
 from cytosyn.data_prep.pack_config import PackConfig
 from cytosyn.data_prep.synthetic import write_synthetic_slide
 from cytosyn.data_prep.tile_config import TileConfig
 from cytosyn.data_prep.tiler import run_tiling
+from cytosyn.data_prep.verify import verify_dataset
 
 from cytosyn.config import ConfigError, build_config, load_config
 from cytosyn.manifest import read_manifest

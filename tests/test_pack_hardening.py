@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_split
-from cytosyn.data_prep.pack import PackError, run_pack, verify_dataset
+from cytosyn.data_prep.pack import PackError, run_pack
 from cytosyn.data_prep.pack_config import PackConfig
 from cytosyn.data_prep.splits import SlideRecord, SplitError, assign_splits
 from cytosyn.data_prep.synthetic import Shape, write_synthetic_slide
 from cytosyn.data_prep.tile_config import TileConfig
 from cytosyn.data_prep.tiler import run_tiling
+from cytosyn.data_prep.verify import verify_dataset
 
 from cytosyn.cli import main
 from cytosyn.config import build_config

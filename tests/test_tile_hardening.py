@@ -100,8 +100,9 @@ def test_tile_keys_are_unique_for_ids_that_differ_outside_the_safe_set():
 
 
 def test_slides_whose_ids_differ_only_in_unsafe_characters_pack_together(tmp_path):
-    from cytosyn.data_prep.pack import run_pack, verify_dataset
+    from cytosyn.data_prep.pack import run_pack
     from cytosyn.data_prep.pack_config import PackConfig
+    from cytosyn.data_prep.verify import verify_dataset
 
     src = tmp_path / "slides"
     src.mkdir()
@@ -154,8 +155,9 @@ def test_shard_writer_takes_long_names_and_keeps_short_ones_byte_identical(tmp_p
 def test_long_slide_ids_tile_pack_and_featurize(tmp_path):
     from cytosyn.data_prep.featurize import run_featurize
     from cytosyn.data_prep.featurize_config import FeaturizeConfig
-    from cytosyn.data_prep.pack import run_pack, verify_dataset
+    from cytosyn.data_prep.pack import run_pack
     from cytosyn.data_prep.pack_config import PackConfig
+    from cytosyn.data_prep.verify import verify_dataset
 
     slide_id = "TCGA-A1-0001-01Z-00-DX1_" + "long-export-name-" * 6  # 126 characters
     src = tmp_path / "slides"
