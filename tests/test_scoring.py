@@ -398,6 +398,29 @@ def test_rank_auc_equals_scikit_learn():
         assert got[r] == pytest.approx(roc_auc_score(np.r_[np.zeros(9), np.ones(5)], np.r_[a[r], b[r]]))
 
 
+def test_paired_auc_difference():
+    """The gap between two scores of the same tiles: its estimate is the difference of scikit-learn's AUCs;
+    a score against itself gives exactly 0 in every replicate (pairing: the same tiles for both); a
+    separating score against noise has a CI above 0; unpaired inputs are refused."""
+    from sklearn.metrics import roc_auc_score
+
+    from cytosyn.scoring.metrics import auc_difference_with_ci
+
+    rng = np.random.default_rng(3)
+    good_in, good_out = rng.normal(0, 1, 60), rng.normal(3, 1, 30)
+    noise_in, noise_out = rng.normal(0, 1, 60), rng.normal(0, 1, 30)
+    y = np.r_[np.zeros(60), np.ones(30)]
+    d = auc_difference_with_ci(good_in, good_out, noise_in, noise_out, n_boot=500, seed=0)
+    want = roc_auc_score(y, np.r_[good_in, good_out]) - roc_auc_score(y, np.r_[noise_in, noise_out])
+    assert d["estimate"] == pytest.approx(want) and d["low"] > 0 and d["p_not_above_zero"] == 0.0
+    same = auc_difference_with_ci(noise_in, noise_out, noise_in, noise_out, n_boot=200)
+    assert same["estimate"] == same["low"] == same["high"] == 0.0  # unpaired resampling would spread
+    with_nan = auc_difference_with_ci(np.r_[good_in, np.nan], good_out, np.r_[noise_in, 0.0], noise_out, n_boot=50)
+    assert with_nan["n_in"] == 60 and with_nan["n_out"] == 30
+    with pytest.raises(ScoringError, match="same tiles"):
+        auc_difference_with_ci(good_in, good_out, noise_in[:-1], noise_out)
+
+
 def test_label_conditions_of_a_class_conditional_model():
     """Label conditions (a class-conditional fine-tune's labels) go to the pipeline as integer labels, in
     calls apart from the embedding rows, and classify like the equivalent prototypes."""

@@ -132,10 +132,15 @@ def test_eval_classify_variant_report(sets, tmp_path):
     msp = np.asarray(m["tiles"]["heldout"]["scores"]["probe_msp"], dtype=np.float64)
     assert msp.shape == (11,) and np.all((msp >= 0) & (msp < 1))
     assert m["separation_auc"]["unseen labels"]["probe_msp"]["n_out"] == 3 and "probe_msp" in m["anomaly_scores"]
+    gaps = m["separation_vs_baseline"]["unseen labels"]  # each generative score minus the baseline, paired
+    assert set(gaps) == {"margin"} and gaps["margin"]["estimate"] == pytest.approx(
+        m["separation_auc"]["unseen labels"]["margin"]["estimate"] - m["separation_auc"]["unseen labels"]["probe_msp"]["estimate"]
+    )
     assert (
         "balanced_accuracy/generative" in doc["aggregate"]
         and "auc/margin/unseen labels" in doc["aggregate"]
         and "auc/probe_msp/unseen labels" in doc["aggregate"]
+        and "auc_minus_probe_msp/margin/unseen labels" in doc["aggregate"]
     )
     report = (out / "report.md").read_text()
     assert "Generative classification vs a linear probe" in report and "unseen labels" in report

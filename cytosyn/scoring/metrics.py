@@ -2,6 +2,7 @@
 
 - :func:`classification_metrics`: accuracy, balanced accuracy and macro-F1 (scikit-learn's definitions)
   with percentile bootstrap CIs over tiles, plus the confusion matrix;
+- :func:`auc_difference_with_ci`: the AUC gap between two scores of the same tiles, paired bootstrap;
 - :func:`auc_with_ci`: ROC AUC of a score separating "out" (positive, e.g. a new domain or a held-out
   class) from "in" tiles, with a stratified bootstrap (in and out tiles resampled separately, so every
   replicate has both groups — a plain joint bootstrap can draw a replicate with one group only);
@@ -20,7 +21,13 @@ import numpy as np
 
 from .engine import ScoringError
 
-__all__ = ["auc_with_ci", "classification_metrics", "fit_linear_probe", "linear_probe"]
+__all__ = [
+    "auc_difference_with_ci",
+    "auc_with_ci",
+    "classification_metrics",
+    "fit_linear_probe",
+    "linear_probe",
+]
 
 
 def _ci(estimate: float, reps: np.ndarray, alpha: float) -> dict[str, float]:
@@ -120,6 +127,43 @@ def auc_with_ci(
     rb = b[rng.integers(0, b.size, (n_boot, b.size))]
     reps = _rank_auc(ra, rb)
     return _ci(est, reps, alpha) | {"n_in": int(a.size), "n_out": int(b.size), "bootstrap": n_boot}
+
+
+def auc_difference_with_ci(
+    a_in: np.ndarray,
+    a_out: np.ndarray,
+    b_in: np.ndarray,
+    b_out: np.ndarray,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """AUC of score ``a`` minus AUC of score ``b`` on the **same** tiles (``a_in[i]`` and ``b_in[i]`` are
+    one tile's two scores), with a paired stratified bootstrap: each replicate resamples in and out tiles
+    once and evaluates both scores on them, so the interval reflects the difference, not two
+    independent spreads. Tiles where either score is not finite are left out (counted in ``n_in``/``n_out``)."""
+    a_in, b_in = np.asarray(a_in, dtype=np.float64), np.asarray(b_in, dtype=np.float64)
+    a_out, b_out = np.asarray(a_out, dtype=np.float64), np.asarray(b_out, dtype=np.float64)
+    if a_in.shape != b_in.shape or a_out.shape != b_out.shape:
+        raise ScoringError("a paired AUC difference needs both scores for the same tiles")
+    keep_in = np.isfinite(a_in) & np.isfinite(b_in)
+    keep_out = np.isfinite(a_out) & np.isfinite(b_out)
+    a_in, b_in, a_out, b_out = a_in[keep_in], b_in[keep_in], a_out[keep_out], b_out[keep_out]
+    if a_in.size < 1 or a_out.size < 1:
+        raise ScoringError(
+            f"an AUC difference needs tiles on both sides, got {a_in.size} in and {a_out.size} out"
+        )
+    est = float(_rank_auc(a_in[None], a_out[None])[0] - _rank_auc(b_in[None], b_out[None])[0])
+    rng = np.random.default_rng(seed)
+    i_in = rng.integers(0, a_in.size, (n_boot, a_in.size))
+    i_out = rng.integers(0, a_out.size, (n_boot, a_out.size))
+    reps = _rank_auc(a_in[i_in], a_out[i_out]) - _rank_auc(b_in[i_in], b_out[i_out])
+    return _ci(est, reps, alpha) | {
+        "n_in": int(a_in.size),
+        "n_out": int(a_out.size),
+        "bootstrap": n_boot,
+        "p_not_above_zero": float(np.mean(reps <= 0)),
+    }
 
 
 def _rank_auc(a: np.ndarray, b: np.ndarray) -> np.ndarray:

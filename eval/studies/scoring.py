@@ -40,7 +40,12 @@ from cytosyn.scoring import (
     score_batch,
 )
 from cytosyn.scoring.conditions import Prototypes
-from cytosyn.scoring.metrics import auc_with_ci, classification_metrics, fit_linear_probe
+from cytosyn.scoring.metrics import (
+    auc_difference_with_ci,
+    auc_with_ci,
+    classification_metrics,
+    fit_linear_probe,
+)
 from cytosyn.scoring.run import PruningConfig, TimesConfig
 
 from ..harness import HarnessOptions, StudyResult, describe_generator, study_settings
@@ -278,13 +283,15 @@ def scoring_study(
         if probe_score is not None:  # the discriminative anomaly baseline, beside the generative scores
             scored["heldout"].anomaly[PROBE_SCORE] = probe_score
     separation: dict[str, dict[str, Any]] = {}
-    for score, groups in _groups(cfg.variant, scored, classes).items():
+    by_score = _groups(cfg.variant, scored, classes)
+    for score, groups in by_score.items():
         for name, vals in groups.items():
             if name == "in" or len(vals) == 0 or len(groups["in"]) == 0:
                 continue
             separation.setdefault(name, {})[score] = auc_with_ci(
                 groups["in"], vals, n_boot=opts.n_boot, seed=seed
             )
+    vs_baseline = _versus_baseline(by_score, separation, opts, seed)
     metrics: dict[str, Any] = {
         "variant": cfg.variant,
         "plan": plan.describe(),
@@ -300,6 +307,7 @@ def scoring_study(
             if any(k in s.anomaly for s in scored.values())
         },
         "separation_auc": separation,
+        "separation_vs_baseline": vs_baseline,
         "separation_note": "ROC AUC of each score for 'out' tiles (positive) vs 'in' tiles; stratified bootstrap CI",
         "tiles": {name: _per_tile(s) for name, s in scored.items()},
     }
@@ -320,6 +328,28 @@ def scoring_study(
         samples=_top_tiles(scored, {"reference": ref, **others}, cfg, plan)
         | (frechet.samples if frechet else {}),
     )
+
+
+def _versus_baseline(
+    by_score: Mapping[str, Mapping[str, np.ndarray]],
+    separation: Mapping[str, Mapping[str, Any]],
+    opts: HarnessOptions,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """group → generative score → its AUC minus the probe baseline's on the same tiles (paired bootstrap);
+    empty when there is no baseline (the domain variant)."""
+    if PROBE_SCORE not in by_score:
+        return {}
+    base = by_score[PROBE_SCORE]
+    out: dict[str, dict[str, Any]] = {}
+    for name in separation:
+        for score, groups in by_score.items():
+            if score == PROBE_SCORE or score not in separation[name]:
+                continue
+            out.setdefault(name, {})[score] = auc_difference_with_ci(
+                groups["in"], groups[name], base["in"], base[name], n_boot=opts.n_boot, seed=seed
+            )
+    return out
 
 
 def _provenance(s: Any) -> dict[str, Any]:
@@ -469,6 +499,9 @@ def _headline(result: StudyResult) -> dict[str, float]:
     for group, per in m.get("separation_auc", {}).items():
         for score, v in per.items():
             out[f"auc/{score}/{group}"] = v["estimate"]
+    for group, per in (m.get("separation_vs_baseline") or {}).items():
+        for score, v in per.items():
+            out[f"auc_minus_{PROBE_SCORE}/{score}/{group}"] = v["estimate"]
     cls = m.get("classification") or {}
     for name in ("generative", "linear_probe"):
         if cls.get(name):
@@ -514,6 +547,13 @@ def _markdown(results: list[StudyResult]) -> str:
             out.append(f"| {group} | {first['n_in']} / {first['n_out']} | " + " | ".join(cells) + " |")
         out.append("")
         out.extend(f"- `{k}`: {v}" for k, v in m["anomaly_scores"].items())
+        out.append("")
+    for group, per in (m.get("separation_vs_baseline") or {}).items():
+        out.append(
+            f"AUC minus the `{PROBE_SCORE}` baseline's, same tiles ({group}; paired stratified bootstrap, "
+            "95% CI; share of replicates ≤ 0): "
+            + ", ".join(f"`{k}` {fmt_ci(v)} ({fmt(v['p_not_above_zero'])})" for k, v in per.items())
+        )
         out.append("")
     cls = m.get("classification")
     if cls:
