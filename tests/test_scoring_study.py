@@ -147,6 +147,23 @@ def test_eval_classify_variant_report(sets, tmp_path):
     assert (out / "score_distributions.png").stat().st_size > 1000
 
 
+def test_eval_domain_variant_reads_the_class_reference_whole(sets, tmp_path):
+    """``n`` sizes the scored sets, not the class reference: its every tile makes the prototypes (the
+    first 4 held-out tiles alone would leave labels b and c with fewer than ``min_tiles``)."""
+    cfg = build_config(EvalConfig, {
+        "study": "scoring",
+        "generator": {"kind": "cytosyn", "path": str(sets["release"])},
+        "references": {"reference": str(sets["ref"]), "others": {"ihc": str(sets["ihc"])}, "mpp": 0.5},
+        "extractors": [{"name": "vit-tiny16", "random_init": True}],
+        "scoring": {"times": {"k": 2}, "calibration_tiles": 2, "top_tiles": 0, "frechet": False,
+                    "class_reference": str(sets["held"]), "min_tiles": 3},
+        "n": 4, "n_boot": 10, "device": "cpu", "output": str(tmp_path / "dom"),
+    })  # fmt: skip
+    m = json.loads((run_eval(cfg) / "metrics.json").read_text())["results"][0]["metrics"]
+    assert m["prototypes"]["tiles_per_label"] == {"a": 4, "b": 4, "c": 3}
+    assert {len(t["keys"]) for t in m["tiles"].values()} == {4} and "margin" in m["separation_auc"]["ihc"]
+
+
 @pytest.mark.slow
 def test_eval_domain_variant_with_frechet(sets, tmp_path):
     cfg = build_config(EvalConfig, {

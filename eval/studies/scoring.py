@@ -460,7 +460,8 @@ def _run(ctx: StudyContext) -> list[StudyResult]:
     others = {name: read_tiles(pipe, st, cfg.n, need_own) for name, st in other_sets.items()}
     cref = None
     if s.class_reference is not None:
-        cref = read_tiles(pipe, open_set(s.class_reference, cfg.n, mpp), cfg.n, True)
+        # read whole: its tiles define the class prototypes (`n` is the size of the scored sets)
+        cref = read_tiles(pipe, open_set(s.class_reference, None, mpp), None, True)
     results = []
     fd_refs = None
     if s.variant == "domain" and s.frechet:
