@@ -416,6 +416,9 @@ def render_plots(folder: Path, result: StudyResult) -> dict[str, Path]:
     plots = dict(get_study(result.study).plots(result, folder))
     if result.samples and any(len(v) for v in result.samples.values()):
         plots["samples"] = render_image_grid(
-            result.samples, folder / "samples.png", random_weights=has_random_weights(result.generator)
+            result.samples,
+            folder / "samples.png",
+            random_weights=has_random_weights(result.generator),
+            title=get_study(result.study).grid_title,
         )
     return plots

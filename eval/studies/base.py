@@ -64,3 +64,4 @@ class Study:
     markdown: Callable[[list[StudyResult]], str]
     plots: Callable[[StudyResult, Path], dict[str, Path]]
     check_config: Callable[[EvalConfig], None] = _no_check
+    grid_title: str | None = None  # the sample grid's title (None: references above their generated tiles)

@@ -603,7 +603,8 @@ def _plots(result: StudyResult, folder: Path) -> dict[str, Path]:
     path = plot_score_distributions(
         groups,
         Path(folder) / "score_distributions.png",
-        title="generative anomaly scores",
+        title="anomaly scores"
+        + (f" ({PROBE_SCORE}: the discriminative baseline)" if PROBE_SCORE in groups else " (generative)"),
         random_weights=has_random_weights(result.generator),
     )
     return {"score_distributions": path}
@@ -616,4 +617,6 @@ STUDY = Study(
     markdown=_markdown,
     plots=_plots,
     check_config=_check_config,
+    grid_title="the most and least anomalous tiles of each set (by margin, else own_vs_null, else own_error)"
+    " [with Fréchet numbers: then references above their generated tiles]",
 )
