@@ -234,6 +234,24 @@ def test_finetune_resumes_exactly(base, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_failed_start_leaves_no_config_and_a_corrected_rerun_proceeds(base, tmp_path):
+    """The fine-tune's config is written once its start succeeded (like training's): a start that fails
+    (here: a file where the checkpoint folder must be) leaves none, so a rerun with another config is not
+    refused as "started with another config"."""
+    from cytosyn.training.checkpoints import CheckpointWriteError
+    from cytosyn.training.finetune import FINETUNE_CONFIG_FILE
+
+    run_dir = tmp_path / "ft"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("not a folder")
+    with pytest.raises(CheckpointWriteError):
+        run_finetune(ft_config(base, run_dir, optim={"lr": 5e-3}))
+    assert not (run_dir / FINETUNE_CONFIG_FILE).exists()
+    (run_dir / "checkpoints").unlink()
+    result = run_finetune(ft_config(base, run_dir, trainer={"max_steps": 1}))  # lr 1e-2: another config
+    assert result.train.status == "finished" and (run_dir / FINETUNE_CONFIG_FILE).is_file()
+
+
 def test_few_shot_selection_is_seeded_per_class_and_refuses_leaks(base, tmp_path):
     cfg = FewShotConfig(shots_per_class=3, seed=7)
     one = select_few_shot(base["train"], cfg)

@@ -44,7 +44,6 @@ from cytosyn.adapters import (
 from cytosyn.config import (
     ConfigError,
     StrictModel,
-    write_resolved_config,
 )
 from cytosyn.fileio import code_version
 from cytosyn.manifest import read_manifest
@@ -62,7 +61,7 @@ from cytosyn.training.config import (
 from cytosyn.training.ema import EMA
 from cytosyn.training.fewshot import FewShotConfig, select_few_shot, write_few_shot_split
 from cytosyn.training.module import LatentDiffusionModule, TrainingDataError
-from cytosyn.training.run import TrainResult, check_config_drift, fit_module
+from cytosyn.training.run import TrainResult, check_config_drift, config_writer, fit_module
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +246,9 @@ class FinetuneModule(LatentDiffusionModule):
             inject_lora(model, cfg.lora)
         self.trainable = mark_trainable(model, cfg.method)
         # Replaces the base class's EMA, outside the module tree like it (see cytosyn.training.module).
-        object.__setattr__(self, "ema", EMA(self.net, decay=cfg.ema.decay, warmup=cfg.ema.warmup, buffers="copy"))
+        object.__setattr__(
+            self, "ema", EMA(self.net, decay=cfg.ema.decay, warmup=cfg.ema.warmup, buffers="copy")
+        )
         n_train = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.net.parameters())
         log.info(
@@ -326,20 +327,19 @@ class FinetuneResult:
 def run_finetune(cfg: FinetuneConfig, force: bool = False) -> FinetuneResult:
     """Fine-tune (or resume) in ``cfg.run_dir``; writes ``<run_dir>/adapter`` when the run finishes."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    check_config_drift(cfg.run_dir / FINETUNE_CONFIG_FILE, cfg, force)
+    must_write = check_config_drift(cfg.run_dir / FINETUNE_CONFIG_FILE, cfg, force)
     base = load_base(cfg.base)
     features, member = base_features(base, cfg, cfg.data.train)
     selection = select_few_shot(cfg.data.train, cfg.few_shot, exclude=cfg.data.exclude)
     few_shot_dir = write_few_shot_split(cfg.data.train, selection, cfg.run_dir / FEW_SHOT_DIR)
-    if force or not (cfg.run_dir / FINETUNE_CONFIG_FILE).exists():
-        write_resolved_config(cfg, cfg.run_dir / FINETUNE_CONFIG_FILE)
     train_cfg = training_config(cfg, base, few_shot_dir, member)
     torch.set_flush_denormal(True)
     import lightning as L
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = FinetuneModule(train_cfg, features, cfg, base, selection.label_names, selection.to_dict())
-    result = fit_module(train_cfg, module, force)
+    writer = config_writer(cfg, cfg.run_dir / FINETUNE_CONFIG_FILE) if must_write else None
+    result = fit_module(train_cfg, module, force, write_config=writer)
     adapter = None
     if result.status == "finished" and module.global_rank == 0:
         adapter = module.write_adapter(cfg.run_dir / ADAPTER_DIR, result.global_step)

@@ -24,6 +24,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,13 +176,15 @@ def check_config_drift(path: Path, cfg: Any, force: bool) -> bool:
     return True
 
 
-def _config_writer(cfg: TrainConfig):
-    """Write config.yaml (keeping a replaced one as config.<UTC time>.yaml): called once the start succeeded."""
+def config_writer(cfg: Any, path: Path) -> Callable[[], None]:
+    """A callable that writes ``cfg`` to ``path`` (keeping a replaced file as ``<stem>.<UTC time>.yaml``),
+    for `fit_module` to call once the start succeeded: a start that fails leaves no config behind, so a
+    corrected rerun is not refused as "another config"."""
 
     def write() -> None:
-        path = cfg.run_dir / CONFIG_FILE
         if path.exists():
-            os.replace(path, path.with_name(f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.yaml"))
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            os.replace(path, path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
         write_resolved_config(cfg, path)
 
     return write
@@ -246,11 +249,12 @@ def run_training(cfg: TrainConfig, force: bool = False, restart: bool = False) -
     resolve_execution(cfg)  # impossible strategy/precision/device combinations: refused before any work
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     _check_writable(cfg.run_dir)
-    write_config = check_config_drift(cfg.run_dir / CONFIG_FILE, cfg, force)
+    must_write = check_config_drift(cfg.run_dir / CONFIG_FILE, cfg, force)
     features = _features(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # model initialisation
     module = LatentDiffusionModule(cfg, features)
-    return fit_module(cfg, module, force, restart=restart, write_config=write_config)
+    writer = config_writer(cfg, cfg.run_dir / CONFIG_FILE) if must_write else None
+    return fit_module(cfg, module, force, restart=restart, write_config=writer)
 
 
 def fit_module(
@@ -259,11 +263,11 @@ def fit_module(
     force: bool = False,
     *,
     restart: bool = False,
-    write_config: bool = False,
+    write_config: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Fit ``module`` in ``cfg.run_dir`` with training's trainer, callbacks (progress file, preemption and
     requeue, appending CSV log) and resume from the newest intact checkpoint. ``cytosyn train`` and
-    ``cytosyn finetune`` both end here. ``write_config``: write config.yaml once the start succeeded."""
+    ``cytosyn finetune`` both end here. ``write_config``: called once the start succeeded (`config_writer`)."""
     execution = resolve_execution(cfg)
     _check_writable(cfg.run_dir)
     resume = _resume_point(cfg, restart)
@@ -274,7 +278,7 @@ def fit_module(
     csv_logger = AppendingCSVLogger(cfg.run_dir)
     progress = ProgressFile(cfg.run_dir, cfg.trainer.log_every_n_steps)
     preemption = Preemption(cfg.run_dir, max_attempts=int(os.environ.get(MAX_ATTEMPTS_ENV, "5")))
-    run_folder = RunFolder(_config_writer(cfg) if write_config else None, csv_logger)
+    run_folder = RunFolder(write_config, csv_logger)
     trainer = build_trainer(cfg, [progress, preemption, run_folder], execution, csv_logger)
     preemption.install(trainer)
     if resume is not None:
