@@ -38,6 +38,17 @@ def test_finetune_improves_heldout_psnr_on_real_tiles(crc_dataset, tmp_path):
     assert exported["psnr_gain_db"] == pytest.approx(report["psnr_gain_db"])
     desc = json.loads((result.export / "tuned_vae.json").read_text())
     assert desc["losses"]["lpips_weight"] == 0.0 and desc["losses"]["lpips"].startswith("off")
+    # the held-out tiles and their reconstructions before/after, as PNG folders for an rFID by `cytosyn eval`;
+    # they are the reconstructions the report measured (PSNR from the 8-bit files within rounding)
+    from PIL import Image
+
+    recon = tmp_path / "run" / "reconstructions"
+    tiles = {k: np.stack([np.asarray(Image.open(f), dtype=np.float64) for f in sorted((recon / k).glob("*.png"))])
+             for k in ("original", "base", "tuned")}  # fmt: skip
+    assert {v.shape[0] for v in tiles.values()} == {2} and "reconstructions" in report["rfid"]
+    for name, key in (("base", "before"), ("tuned", "after")):
+        mse = ((tiles[name] - tiles["original"]) / 255).reshape(2, -1).__pow__(2).mean(axis=1)
+        assert np.mean(10 * np.log10(1 / mse)) == pytest.approx(report[key]["psnr_db"], abs=0.1)
 
 
 def _state(run_dir: Path) -> dict:
@@ -318,3 +329,23 @@ def test_tuned_vae_round_trip_featurize_train_release_sample(crc_dataset, tmp_pa
     assert weights in str(refused.value)  # the error names the VAE the release decodes with
     ok = CytoSynPipeline.from_pretrained(referenced, device="cpu", vae_weights=folder)
     assert np.array_equal(ok.generate(None, num_images=2, sampler=fast, seed=0), tiles)
+
+
+def test_reconstruction_folders_give_an_rfid_through_cytosyn_eval(crc_dataset, tmp_path):
+    """The documented rFID path: tune-vae's reconstruction folders as a ``folder`` generator (paired with
+    the originals by file name) in the ``domain`` study of ``cytosyn eval``."""
+    from cytosyn.eval.run import EvalConfig, run_eval
+
+    run_vae_tuning(tune_cfg(crc_dataset, tmp_path / "run", max_steps=2, data={"heldout_tiles": 6}))
+    recon = tmp_path / "run" / "reconstructions"
+    cfg = build_config(EvalConfig, {
+        "study": "domain",
+        "generator": {"kind": "folder", "path": str(recon / "tuned"), "mpp": 0.5},
+        "references": {"reference": str(recon / "original"), "mpp": 0.5},
+        "extractors": [{"name": "vit-tiny16", "random_init": True}],
+        "n": 6, "n_boot": 4, "kid_subset_size": 3, "kid_subsets": 2, "device": "cpu", "progress": False,
+        "output": str(tmp_path / "rfid"),
+    })  # fmt: skip
+    doc = json.loads((run_eval(cfg) / "metrics.json").read_text())
+    fd = {k: v for k, v in doc["aggregate"].items() if k.startswith("fd/")}
+    assert fd and all(np.isfinite(v["mean"]) and v["mean"] > 0 for v in fd.values()), doc["aggregate"]

@@ -214,12 +214,34 @@ def read_heldout(cfg: TuneVAEConfig) -> Tensor | None:
     return torch.cat(chunks)[:n]
 
 
+RECONSTRUCTIONS_DIR = "reconstructions"  # <run_dir>/reconstructions/{original,base,tuned}/00000.png ...
+
+
+def write_tiles(folder: Path, images: Tensor) -> Path:
+    """uint8 tiles (B, 3, H, W) → ``folder/00000.png ...``, replaced as a whole (written beside, then
+    renamed), so a folder is never half old, half new."""
+    import shutil
+
+    from PIL import Image
+
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i, img in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
+        Image.fromarray(img).save(tmp / f"{i:05d}.png")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
 @torch.no_grad()
 def reconstruction_metrics(
-    ae: nn.Module, images: Tensor, device: torch.device, batch: int = 8
+    ae: nn.Module, images: Tensor, device: torch.device, batch: int = 8, save_to: Path | None = None
 ) -> dict[str, Any]:
     """PSNR (dB, per tile then averaged) and SSIM (Gaussian 11×11, σ 1.5) of posterior-mean reconstructions
-    of uint8 tiles, on [0, 1] images clamped like a decoded tile."""
+    of uint8 tiles, on [0, 1] images clamped like a decoded tile. ``save_to``: also write the
+    reconstructions there as PNG (rounded to uint8), for an rFID by ``cytosyn eval`` (training does not
+    import ``eval``: DESIGN.md)."""
     from cytosyn.compat import import_torchvision
 
     import_torchvision()
@@ -227,7 +249,7 @@ def reconstruction_metrics(
 
     was_training = ae.training
     ae.eval()
-    psnr, ssims = [], []
+    psnr, ssims, tiles = [], [], []
     for i in range(0, images.shape[0], batch):
         x = images_to_model_range(images[i : i + batch], device)
         rec = ae.decode(ae.encode(x).mean).float().clamp(-1, 1)
@@ -235,7 +257,11 @@ def reconstruction_metrics(
         mse = (a - b).square().reshape(a.shape[0], -1).mean(dim=1).clamp_min(1e-12)
         psnr.append(10 * torch.log10(1.0 / mse))
         ssims.append(ssim(a, b, data_range=1.0, reduction="none"))
+        if save_to is not None:
+            tiles.append((a * 255).round().to(torch.uint8).cpu())
     ae.train(was_training)
+    if save_to is not None:
+        write_tiles(save_to, torch.cat(tiles))
     p, s = torch.cat(psnr).double(), torch.cat(ssims).double()
     return {
         "tiles": int(p.numel()),
@@ -491,7 +517,9 @@ def _run(cfg: TuneVAEConfig, force: bool, ctx: DistContext) -> TuneResult:
             rows = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] < tuner.step]
             log_path.write_text("".join(r + "\n" for r in rows))
     elif heldout is not None:
-        tuner.before = reconstruction_metrics(tuner.ae, heldout, device)
+        recon = run_dir / RECONSTRUCTIONS_DIR  # heldout is read on the main process only
+        tuner.before = reconstruction_metrics(tuner.ae, heldout, device, save_to=recon / "base")
+        write_tiles(recon / "original", heldout)
 
     with open(log_path, "a") if ctx.is_main else open(os.devnull, "w") as logf:
         stream = iter(loader)
@@ -532,14 +560,23 @@ def _run(cfg: TuneVAEConfig, force: bool, ctx: DistContext) -> TuneResult:
 def _export(
     cfg: TuneVAEConfig, tuner: _Tuner, heldout: Tensor | None, device: torch.device, run_dir: Path
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    after = reconstruction_metrics(tuner.ae, heldout, device) if heldout is not None else None
+    recon = run_dir / RECONSTRUCTIONS_DIR
+    after = (
+        reconstruction_metrics(tuner.ae, heldout, device, save_to=recon / "tuned")
+        if heldout is not None
+        else None
+    )
     report = {
         "heldout_split": str(cfg.data.heldout) if cfg.data.heldout else None,
         "before": tuner.before,
         "after": after,
         "psnr_gain_db": (after["psnr_db"] - tuner.before["psnr_db"]) if after and tuner.before else None,
         "ssim_gain": (after["ssim"] - tuner.before["ssim"]) if after and tuner.before else None,
-        "rfid": "not computed (not yet implemented in tune-vae)",
+        "rfid": "not computed here (training does not import eval): the held-out tiles and their base and tuned "
+        f"reconstructions are PNG folders under {recon}/{{original,base,tuned}}; docs/training.md shows the "
+        "`cytosyn eval` config that gives their Fréchet distances"
+        if heldout is not None
+        else None,
         "reconstruction": "posterior mean (deterministic), clamped to [-1, 1], compared on [0, 1]",
     }
     from cytosyn.models.tuned_vae import export_tuned_vae
