@@ -113,7 +113,9 @@ def prepare_folders(out: Path, holdout: str) -> dict:
             stem = Path(r["path"]).stem.replace(".", "_")
             image = Image.open(src / r["path"]).convert("RGB")
             w, h = image.size  # the central 128 px (64 µm at 0.5 µm/px; Kather 2016's 0.495 is within 1%)
-            image = image.crop(((w - TILE_PX) // 2, (h - TILE_PX) // 2, (w + TILE_PX) // 2, (h + TILE_PX) // 2))
+            image = image.crop(
+                ((w - TILE_PX) // 2, (h - TILE_PX) // 2, (w + TILE_PX) // 2, (h + TILE_PX) // 2)
+            )
             if i < n_train:
                 folder = raw / "train" / label
                 folder.mkdir(parents=True, exist_ok=True)

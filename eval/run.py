@@ -375,7 +375,9 @@ def study_markdown(results: list[StudyResult], agg: dict[str, dict[str, Any]], p
             f"`{s['generated_codec_settings']['format']}`"
         )
     elif "n_boot" in s:  # studies of the reference tiles themselves (scoring's classify variant)
-        out.append(f"- bootstrap {s['n_boot']} replicates ({int((1 - s['alpha']) * 100)}% percentile CIs over tiles)")
+        out.append(
+            f"- bootstrap {s['n_boot']} replicates ({int((1 - s['alpha']) * 100)}% percentile CIs over tiles)"
+        )
     out.append("")
     if d["extractors"]:
         out.append("| extractor | encoder | weights | resize | conditioning encoder? |")

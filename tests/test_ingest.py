@@ -168,7 +168,11 @@ def test_other_sizes_refused_skipped_resampled_or_stretched_as_configured(tmp_pa
     assert crop.tiles == 32 and crop.resampled == 32
     for key, (meta, image, _) in _tiles(tmp_path / "cr").items():
         src = np.asarray(Image.open(CRC / "crc_val_he_7k_png" / meta["source"]["file"]).convert("RGB"))
-        assert meta["resample"] == "crop" and meta["read_size"] == [128, 128] and (meta["x"], meta["y"]) == (48, 48)
+        assert (
+            meta["resample"] == "crop"
+            and meta["read_size"] == [128, 128]
+            and (meta["x"], meta["y"]) == (48, 48)
+        )
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(image))), src[48:176, 48:176]), key
     stretch = run_ingest(
         _cfg(tmp_path / "st", inputs=folders, grid={"source_mpp": 0.495, "mismatch": "stretch"})

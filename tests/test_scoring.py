@@ -415,7 +415,9 @@ def test_paired_auc_difference():
     assert d["estimate"] == pytest.approx(want) and d["low"] > 0 and d["p_not_above_zero"] == 0.0
     same = auc_difference_with_ci(noise_in, noise_out, noise_in, noise_out, n_boot=200)
     assert same["estimate"] == same["low"] == same["high"] == 0.0  # unpaired resampling would spread
-    with_nan = auc_difference_with_ci(np.r_[good_in, np.nan], good_out, np.r_[noise_in, 0.0], noise_out, n_boot=50)
+    with_nan = auc_difference_with_ci(
+        np.r_[good_in, np.nan], good_out, np.r_[noise_in, 0.0], noise_out, n_boot=50
+    )
     assert with_nan["n_in"] == 60 and with_nan["n_out"] == 30
     with pytest.raises(ScoringError, match="same tiles"):
         auc_difference_with_ci(good_in, good_out, noise_in[:-1], noise_out)

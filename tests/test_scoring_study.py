@@ -131,10 +131,13 @@ def test_eval_classify_variant_report(sets, tmp_path):
     # the discriminative baseline (1 − the probe's max class probability) is scored beside the generative ones
     msp = np.asarray(m["tiles"]["heldout"]["scores"]["probe_msp"], dtype=np.float64)
     assert msp.shape == (11,) and np.all((msp >= 0) & (msp < 1))
-    assert m["separation_auc"]["unseen labels"]["probe_msp"]["n_out"] == 3 and "probe_msp" in m["anomaly_scores"]
+    assert (
+        m["separation_auc"]["unseen labels"]["probe_msp"]["n_out"] == 3 and "probe_msp" in m["anomaly_scores"]
+    )
     gaps = m["separation_vs_baseline"]["unseen labels"]  # each generative score minus the baseline, paired
     assert set(gaps) == {"margin"} and gaps["margin"]["estimate"] == pytest.approx(
-        m["separation_auc"]["unseen labels"]["margin"]["estimate"] - m["separation_auc"]["unseen labels"]["probe_msp"]["estimate"]
+        m["separation_auc"]["unseen labels"]["margin"]["estimate"]
+        - m["separation_auc"]["unseen labels"]["probe_msp"]["estimate"]
     )
     assert (
         "balanced_accuracy/generative" in doc["aggregate"]
