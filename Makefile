@@ -29,7 +29,6 @@ test-slow: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
 
 bench: install
 	$(PY) benchmarks/tiler.py
