@@ -225,8 +225,9 @@ def aggregate(results: list[StudyResult]) -> dict[str, dict[str, Any]]:
         vals = np.array([h.get(key, float("nan")) for h in heads], dtype=np.float64)
         out[key] = {
             "mean": float(vals.mean()),
-            # identical per-seed values (a seed-free metric) give 0, not a rounding residue such as 1e-16
-            "std": float(vals.std(ddof=1)) if len(vals) > 1 and np.ptp(vals) > 0 else 0.0,
+            # identical per-seed values (a seed-free metric) give 0, not a rounding residue such as 1e-16;
+            # a NaN among them still gives NaN
+            "std": float(vals.std(ddof=1)) if len(vals) > 1 and not np.all(vals == vals[0]) else 0.0,
             "per_seed": vals.tolist(),
         }
     return out

@@ -440,3 +440,18 @@ def test_every_config_study_is_registered_and_old_imports_still_work():
     assert harness.overfitting_study is overfitting_study  # moved to cytosyn.eval.studies, still importable
     with pytest.raises(AttributeError):
         harness.no_such_study  # noqa: B018
+
+
+def test_aggregate_over_seeds_std():
+    """Seed-free metrics (identical per seed) get std 0, not a rounding residue (numpy gives 1.4e-16 for
+    three seeds of 0.7); a NaN seed stays NaN."""
+    from types import SimpleNamespace
+
+    from cytosyn.eval.run import aggregate
+
+    def result(values):
+        return SimpleNamespace(headline=lambda: values)
+
+    seeds = [result({"a": 0.7, "b": float(i), "c": float("nan") if i == 2 else 1.0}) for i in range(3)]
+    agg = aggregate(seeds)
+    assert agg["a"]["std"] == 0.0 and agg["b"]["std"] == 1.0 and np.isnan(agg["c"]["std"])
