@@ -40,25 +40,18 @@ from torch import Tensor
 
 from cytosyn.config import ConfigError, build_config
 from cytosyn.diffusion.flow import BatchNormLatentNorm, FixedLatentNorm, LatentNorm
-from cytosyn.model_files import (  # noqa: F401 (re-exported: the pipeline's public names since release /1)
+from cytosyn.model_files import (
     CONFIG_FILE,
     LEGACY_MODEL_FILE,
-    LEGACY_RELEASE_FILES,
     MODEL_FILE,
-    MODEL_INDEX_FILE,
     READABLE_FORMATS,
     README_FILE,
     RELEASE_FORMAT,
     SUMS_FILE,
     PipelineError,
     ReleaseIntegrityError,
-    conditioning_info,
-    consolidate_deepspeed,
-    find_checkpoint,
-    is_deepspeed_checkpoint,
     load_training_checkpoint,
     parts_from_checkpoint,
-    read_sums,
     required_files,
     verify_release,
     write_release_files,

@@ -35,20 +35,20 @@ from typing import Any, Literal
 
 from cytosyn.config import StrictModel
 from cytosyn.fileio import code_version, sha256_file
-from cytosyn.pipeline import (
+from cytosyn.model_files import (
     CONFIG_FILE,
     MODEL_FILE,
     MODEL_INDEX_FILE,
     README_FILE,
     SUMS_FILE,
-    CytoSynPipeline,
     PipelineError,
     find_checkpoint,
     load_training_checkpoint,
     parts_from_checkpoint,
-    resolve_sampler,
+    read_sums,
     write_release_files,
 )
+from cytosyn.pipeline import CytoSynPipeline, resolve_sampler
 
 log = logging.getLogger(__name__)
 
@@ -700,8 +700,6 @@ def run_release(
             os.replace(partial, output)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    from cytosyn.pipeline import read_sums
-
     summary.files = read_sums(output)
     summary.data_summary_available = data is not None
     summary.eval_included = evaluation is not None

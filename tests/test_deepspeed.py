@@ -24,7 +24,8 @@ import torch
 import yaml
 from conftest import tiny_train_config
 
-from cytosyn.pipeline import CytoSynPipeline, consolidate_deepspeed
+from cytosyn.model_files import consolidate_deepspeed
+from cytosyn.pipeline import CytoSynPipeline
 from cytosyn.training.checkpoints import MARKER
 from cytosyn.training.strategies import CPU_DEEPSPEED_ENV
 
